@@ -1,0 +1,34 @@
+"""manualbp: PyTorch layers whose backward pass is the lecture's delta recursion, by hand."""
+
+from manualbp.activations import ACTIVATIONS, Activation
+from manualbp.linear import LinearActFunction, linear_act
+from manualbp.losses import (
+    MSEFunction,
+    SigmoidBCEFunction,
+    SoftmaxCrossEntropyFunction,
+    mse_loss,
+    sigmoid_binary_cross_entropy,
+    softmax_cross_entropy,
+)
+from manualbp.mlp import MLP, MLPFunction, Trace
+from manualbp.modules import BCEWithLogitsLoss, CrossEntropyLoss, Linear, MSELoss
+
+__all__ = [
+    "ACTIVATIONS",
+    "MLP",
+    "Activation",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "Linear",
+    "LinearActFunction",
+    "MLPFunction",
+    "MSEFunction",
+    "MSELoss",
+    "SigmoidBCEFunction",
+    "SoftmaxCrossEntropyFunction",
+    "Trace",
+    "linear_act",
+    "mse_loss",
+    "sigmoid_binary_cross_entropy",
+    "softmax_cross_entropy",
+]

@@ -1,0 +1,104 @@
+"""Activation functions g and their hand-written derivatives g'.
+
+The slides' neuron is a = g(z), z = a_prev . Theta. Backpropagation needs g'(z) for
+delta = grad_a * g'(z). For identity, sigmoid, tanh, relu, leaky_relu and elu, g' is a function
+of the output a alone, so a layer saves a (which it returns anyway) and never z. For softplus,
+silu, gelu and gelu_tanh it is not, and the layer keeps z.
+
+Each entry holds torch's own g (so values equal torch's), our g_prime, and from_output, which
+says whether g_prime takes a (True) or z (False).
+"""
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_SQRT_2 = math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_TANH_C = 0.044715
+_SOFTPLUS_THRESHOLD = 20.0  # torch's softplus is linear (g' = 1) above this
+
+
+class Activation(NamedTuple):
+    """g, its derivative g_prime, and whether g_prime reads the output a (else z)."""
+
+    g: Callable[[Tensor], Tensor]
+    g_prime: Callable[[Tensor], Tensor] | None  # None: identity, g' = 1
+    from_output: bool
+
+
+def _identity(z: Tensor) -> Tensor:
+    return z
+
+
+def _sigmoid_prime(a: Tensor) -> Tensor:
+    return a * (1 - a)  # sigma' = sigma (1 - sigma)
+
+
+def _tanh_prime(a: Tensor) -> Tensor:
+    return 1 - a * a  # tanh' = 1 - tanh^2
+
+
+def _relu_prime(a: Tensor) -> Tensor:
+    return (a > 0).to(a.dtype)  # 0 at the kink, as torch
+
+
+def _leaky_relu_prime(a: Tensor) -> Tensor:
+    return torch.where(a > 0, 1.0, 0.01).to(a.dtype)  # a > 0 exactly when z > 0
+
+
+def _elu_prime(a: Tensor) -> Tensor:
+    return torch.where(a > 0, 1.0, a + 1)  # for z <= 0: d/dz (e^z - 1) = e^z = a + 1
+
+
+def _softplus_prime(z: Tensor) -> Tensor:
+    return torch.where(z > _SOFTPLUS_THRESHOLD, 1.0, torch.sigmoid(z))
+
+
+def _silu_prime(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))  # d/dz z sigma(z)
+
+
+def _gelu_prime(z: Tensor) -> Tensor:
+    cdf = 0.5 * (1 + torch.erf(z / _SQRT_2))
+    pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    return cdf + z * pdf  # d/dz z Phi(z)
+
+
+def _gelu_tanh_prime(z: Tensor) -> Tensor:
+    t = torch.tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z))
+    du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_C * z * z)
+    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * du
+
+
+def _gelu_tanh(z: Tensor) -> Tensor:
+    return F.gelu(z, approximate="tanh")
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "identity": Activation(_identity, None, True),
+    "sigmoid": Activation(torch.sigmoid, _sigmoid_prime, True),
+    "tanh": Activation(torch.tanh, _tanh_prime, True),
+    "relu": Activation(torch.relu, _relu_prime, True),
+    "leaky_relu": Activation(F.leaky_relu, _leaky_relu_prime, True),
+    "elu": Activation(F.elu, _elu_prime, True),
+    "softplus": Activation(F.softplus, _softplus_prime, False),
+    "silu": Activation(F.silu, _silu_prime, False),
+    "gelu": Activation(F.gelu, _gelu_prime, False),
+    "gelu_tanh": Activation(_gelu_tanh, _gelu_tanh_prime, False),
+}
+ACTIVATIONS["logistic"] = ACTIVATIONS["sigmoid"]  # the slides' name
+
+
+def check_activation(name: object, where: str) -> str:
+    """Return name if it is a known activation, else raise naming the choices."""
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        choices = ", ".join(sorted(ACTIVATIONS))
+        raise ValueError(f"{where}: unknown activation {name!r}; expected one of: {choices}")
+    return name

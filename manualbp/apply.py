@@ -1,0 +1,63 @@
+"""How manualbp's autograd Functions are called: a fast eager path, and autocast.
+
+Every Function here is written once, in the forward + setup_context style that torch.func
+(vmap, grad, jacrev) and torch.compile need. That style costs an inspect.signature() bind on every
+Function.apply (about 30 us a call on these CPUs, more than a small layer's matmul), so outside
+torch.func and torch.compile we run the same forward, setup_context and backward through an
+old-style twin Function. Same code, same saved tensors, same results.
+
+Autocast: torch.amp.custom_fwd/custom_bwd store state on the forward's first argument, which in
+the setup_context style is the input tensor, not ctx. We do what autocast does for nn.Linear
+instead: cast the inputs to the autocast dtype with ordinary differentiable casts and run the
+Function with autocast off, so forward and backward see one dtype and the casts' own backward
+hands each gradient back in its parameter's dtype.
+"""
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _eager_twin(fn: type[Function]) -> type[Function]:
+    """An old-style Function running fn's forward, setup_context and backward unchanged."""
+
+    def forward(ctx, *args):
+        output = fn.forward(*args)
+        fn.setup_context(ctx, args, output)
+        return output
+
+    return type(f"{fn.__name__}Eager", (Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(fn.backward),
+    })
+
+
+_TWINS: dict[type[Function], type[Function]] = {}
+
+
+def apply(fn: type[Function], *args):
+    """fn.apply(*args), through the eager twin when neither torch.func nor compile is tracing."""
+    if torch.compiler.is_compiling() or _functorch_active():
+        return fn.apply(*args)
+    twin = _TWINS.get(fn)
+    if twin is None:
+        twin = _TWINS[fn] = _eager_twin(fn)
+    return twin.apply(*args)
+
+
+def autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs a matmul in on t's device, or None if autocast is off there."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def cast_all(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
+    """Cast floating tensors to dtype (differentiably); leave None and integer tensors alone."""
+    return [
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t
+        for t in tensors
+    ]

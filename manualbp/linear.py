@@ -1,0 +1,147 @@
+"""One fully connected layer, a = g(a_prev W^T + b), with its backward written by hand.
+
+Slides: a[i] = g(a[i-1] . Theta[i]) and delta[i] = (delta[i+1] . W[i+1]^T) * g'(z[i]).
+In torch's layout (W is (n_out, n_in), rows are examples) the layer's share of that is
+
+    delta       = grad_a * g'(z)          (*, n_out)   grad_a = dL/da arrives from above
+    grad_W      = delta^T a_prev          (n_out, n_in), summed over every leading dim
+    grad_b      = sum(delta)              (n_out,)
+    grad_a_prev = delta W                 (*, n_in)    = the layer below's grad_a
+
+The slides' 1/m is not here: it belongs to the loss and reaches us inside grad_a.
+"""
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from manualbp.activations import ACTIVATIONS, check_activation
+from manualbp.apply import apply, autocast_dtype, cast_all
+
+
+def delta_from(grad_a: Tensor, t: Tensor, activation: str) -> Tensor:
+    """delta = grad_a * g'(.), where t is a (g' from the output) or z, as ACTIVATIONS says."""
+    g_prime = ACTIVATIONS[activation].g_prime
+    return grad_a if g_prime is None else grad_a * g_prime(t)
+
+
+class LinearActFunction(Function):
+    """z = a_prev W^T + b, a = g(z); backward is the delta rule above.
+
+    Returns a alone when g' can be read off a (identity, sigmoid, tanh, relu, leaky_relu, elu),
+    else (a, z): z is then a real output, saved as such, so double backward stays exact.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str):
+        z = torch.nn.functional.linear(a_prev, W, b)  # (*, n_out)
+        act = ACTIVATIONS[activation]
+        if act.g_prime is None:
+            return z
+        a = act.g(z)
+        return a if act.from_output else (a, z)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a_prev, W, _, activation = inputs
+        ctx.activation = activation
+        ctx.set_materialize_grads(False)
+        if isinstance(output, tuple):
+            ctx.save_for_backward(a_prev, W, output[1])  # g' needs z
+        elif ACTIVATIONS[activation].g_prime is None:
+            ctx.save_for_backward(a_prev, W)
+        else:
+            ctx.save_for_backward(a_prev, W, output)  # g' needs a
+
+    @staticmethod
+    def backward(ctx, grad_a: Tensor | None, grad_z: Tensor | None = None):
+        a_prev, W, *t = ctx.saved_tensors
+        n_out, n_in = W.shape
+        if grad_a is None:
+            delta = grad_z
+        else:
+            delta = delta_from(grad_a, t[0], ctx.activation) if t else grad_a
+            if grad_z is not None:  # someone used z too
+                delta = delta + grad_z
+        if delta is None:
+            return None, None, None, None
+        need_a_prev, need_W, need_b, _ = ctx.needs_input_grad
+        grad_a_prev = grad_W = grad_b = None
+        if need_a_prev:
+            grad_a_prev = delta.matmul(W)  # (*, n_in)
+        if need_W or need_b:
+            delta_2d = delta.reshape(-1, n_out)  # every leading dim is an example
+            if need_W:
+                grad_W = delta_2d.t().mm(a_prev.reshape(-1, n_in))  # (n_out, n_in), contiguous
+            if need_b:
+                grad_b = delta_2d.sum(0)
+        return grad_a_prev, grad_W, grad_b, None
+
+
+def check_linear_args(where: str, a_prev: object, W: Tensor, b: Tensor | None) -> None:
+    """Raise a clear error for input that F.linear would reject deep inside (or accept wrongly)."""
+    if not isinstance(a_prev, Tensor):
+        got = type(a_prev).__name__
+        raise TypeError(f"{where}: expected input to be a torch.Tensor, got {got}")
+    if a_prev.dim() == 0:
+        raise ValueError(
+            f"{where}: expected input of shape (*, in_features={W.shape[1]}), got a 0-dim tensor; "
+            "give it at least one dim, e.g. x.reshape(1, -1)"
+        )
+    if not a_prev.is_floating_point():
+        raise TypeError(
+            f"{where}: expected a floating-point input, got dtype {a_prev.dtype}; "
+            "convert it with x.float()"
+        )
+    if a_prev.shape[-1] != W.shape[1]:
+        raise ValueError(
+            f"{where}: expected input with last dim in_features={W.shape[1]}, "
+            f"got shape {tuple(a_prev.shape)}"
+            + ("; flatten it first" if a_prev.dim() > 2 and a_prev[0].numel() == W.shape[1] else "")
+        )
+    if a_prev.dtype != W.dtype and autocast_dtype(a_prev) is None:
+        raise TypeError(
+            f"{where}: expected input dtype to match the weight's {W.dtype}, got {a_prev.dtype}; "
+            f"cast one of them (e.g. x.to({W.dtype}))"
+        )
+    if b is not None and b.shape != (W.shape[0],):
+        raise ValueError(
+            f"{where}: expected bias of shape ({W.shape[0]},), got {tuple(b.shape)}"
+        )
+
+
+def linear_act(
+    input: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "identity"
+) -> Tensor:
+    """a = g(input @ weight.T + bias) with the hand-written backward of LinearActFunction.
+
+    Args:
+        input: (*, in_features), any number of leading dims.
+        weight: (out_features, in_features), as nn.Linear stores it.
+        bias: (out_features,) or None.
+        activation: a name in manualbp.ACTIVATIONS (default "identity").
+
+    Returns:
+        a: (*, out_features).
+    """
+    check_activation(activation, "linear_act")
+    if weight.dim() != 2:
+        raise ValueError(
+            f"linear_act: expected weight of shape (out_features, in_features), "
+            f"got {tuple(weight.shape)}"
+        )
+    check_linear_args("linear_act", input, weight, bias)
+    return _apply(input, weight, bias, activation)
+
+
+def _apply(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str) -> Tensor:
+    dtype = autocast_dtype(a_prev)
+    if dtype is None:
+        out = apply(LinearActFunction, a_prev, W, b, activation)
+    else:
+        a_prev, W, b = cast_all(dtype, a_prev, W, b)
+        with torch.autocast(a_prev.device.type, enabled=False):
+            out = apply(LinearActFunction, a_prev, W, b, activation)
+    return out[0] if isinstance(out, tuple) else out

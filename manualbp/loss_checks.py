@@ -1,0 +1,123 @@
+"""Input checks for the losses: one clear error at the public entry point, never deep inside."""
+
+import torch
+from torch import Tensor
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_common(where: str, input: object, target: object, reduction: object) -> None:
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+        got = type(input if not isinstance(input, Tensor) else target).__name__
+        raise TypeError(f"{where}: expected input and target to be torch.Tensor, got {got}")
+    if not input.is_floating_point():
+        raise TypeError(
+            f"{where}: expected floating-point input (logits), got dtype {input.dtype}"
+        )
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{where}: expected reduction 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
+    """Validate, then flatten to (m, C) logits and (m,) or (m, C) targets.
+
+    Returns (z, target, has_ignored, shape of the 'none' result).
+    """
+    where = "softmax_cross_entropy"
+    _check_common(where, input, target, reduction)
+    if input.dim() == 0:
+        raise ValueError(f"{where}: expected input of shape (N, C) or (C,), got a 0-dim tensor")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"{where}: expected label_smoothing in [0, 1], got {label_smoothing}")
+    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if weight is not None and (not isinstance(weight, Tensor) or weight.shape != (C,)):
+        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"{where}: expected weight of shape (C,)=({C},), got {got}")
+    if weight is not None and weight.requires_grad:
+        raise ValueError(f"{where}: weight must not require grad; pass weight.detach()")
+    probs = target.is_floating_point()
+    if probs:
+        if target.shape != input.shape:
+            raise ValueError(
+                f"{where}: expected probability target of the input's shape "
+                f"{tuple(input.shape)}, got {tuple(target.shape)}"
+            )
+    else:
+        want = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+        if target.shape != want:
+            raise ValueError(
+                f"{where}: expected class-index target of shape {tuple(want)} for input "
+                f"{tuple(input.shape)}, got {tuple(target.shape)}"
+            )
+    if input.dim() == 1:  # unbatched (C,)
+        z, target = input.unsqueeze(0), target.unsqueeze(0)
+    elif input.dim() > 2:  # (N, C, d1, ...): every position is an example
+        z = input.movedim(1, -1).reshape(-1, C)
+        target = target.movedim(1, -1).reshape(-1, C) if probs else target.reshape(-1)
+    else:
+        z = input
+    shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    has_ignored = False
+    if not probs:
+        has_ignored = _check_class_indices(where, target, C, ignore_index)
+    return z, target, has_ignored, shape
+
+
+def _check_class_indices(where: str, target: Tensor, C: int, ignore_index: int) -> bool:
+    """Raise on an index outside [0, C) that is not ignore_index; say if any is ignored."""
+    if torch.compiler.is_compiling():
+        return True  # no data-dependent checks inside a graph: take the general path
+    if target.numel() == 0:
+        return False
+    lo, hi = (v.item() for v in torch.aminmax(target))
+    if lo >= 0 and hi < C:
+        return 0 <= ignore_index < C and bool((target == ignore_index).any())
+    bad = ((target < 0) | (target >= C)) & (target != ignore_index)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        value = int(target[i])
+        what = "negative" if value < 0 else f"out of range for C={C} classes"
+        raise ValueError(
+            f"{where}: class index {value} at target[{i}] (flattened) is {what}; expected "
+            f"0 <= index < {C}, or ignore_index={ignore_index} to skip an example"
+        )
+    return True
+
+
+def check_bce(input, target, weight, reduction, pos_weight) -> None:
+    where = "sigmoid_binary_cross_entropy"
+    _check_common(where, input, target, reduction)
+    if target.shape != input.shape:
+        raise ValueError(
+            f"{where}: expected target of the input's shape {tuple(input.shape)}, "
+            f"got {tuple(target.shape)}"
+        )
+    if not target.is_floating_point():
+        raise TypeError(
+            f"{where}: expected floating-point targets in [0, 1], got dtype {target.dtype}; "
+            "use target.float()"
+        )
+    for name, t in (("weight", weight), ("pos_weight", pos_weight)):
+        if t is None:
+            continue
+        if t.requires_grad:
+            raise ValueError(f"{where}: {name} must not require grad; pass {name}.detach()")
+        try:
+            ok = torch.broadcast_shapes(t.shape, input.shape) == input.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{where}: expected {name} broadcastable to the input's shape "
+                f"{tuple(input.shape)}, got {tuple(t.shape)}"
+            )
+
+
+def check_mse(input, target, reduction) -> None:
+    where = "mse_loss"
+    _check_common(where, input, target, reduction)
+    if target.shape != input.shape:
+        raise ValueError(
+            f"mse_loss: expected target of the input's shape {tuple(input.shape)}, got "
+            f"{tuple(target.shape)}; reshape one of them (broadcasting here is almost always a bug)"
+        )

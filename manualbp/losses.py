@@ -1,0 +1,225 @@
+"""Output layers with their delta written by hand: delta_L = yhat - y.
+
+With a softmax output and cross-entropy (or a logistic output and binary cross-entropy, or an
+identity output and squared error) the output layer's delta collapses to yhat - y. Each Function
+below returns that, scaled by what the reduction does (1/m for "mean": the slides' 1/m lives
+here) and by the upstream gradient. Forward values follow torch's F.* losses exactly.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd import Function
+
+from manualbp.apply import apply
+from manualbp.loss_checks import check_bce, check_cross_entropy, check_mse
+
+
+def _scale(grad: Tensor, reduction: str, denom) -> Tensor:
+    """What each example's delta is multiplied by: upstream grad, over m for 'mean'."""
+    if reduction == "none":
+        return grad.unsqueeze(-1) if grad.dim() else grad
+    return grad / denom if reduction == "mean" else grad
+
+
+class SoftmaxCrossEntropyFunction(Function):
+    """L = -sum_c t_c log softmax(z)_c per row; delta_L = (sum_c t_c) softmax(z) - t.
+
+    t is the target row: one-hot (scaled by the class weight, mixed with eps/C when label
+    smoothing) for class indices, or the given probabilities. Plain one-hot gives yhat - y.
+    z: (m, C); target: (m,) int64 or (m, C) float. Saves z and target, recomputes softmax.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z, target, weight, ignore_index, reduction, label_smoothing, has_ignored):
+        logp = torch.log_softmax(z, 1)  # log yhat, (m, C)
+        t, denom = _target_rows(z, target, weight, ignore_index, label_smoothing, has_ignored)
+        loss = -(t * logp).sum(1) if t is not None else -logp.gather(1, target[:, None])[:, 0]
+        if reduction == "none":
+            return loss
+        return loss.sum() / denom if reduction == "mean" else loss.sum()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, target, weight, *options = inputs
+        ctx.options = options
+        ctx.save_for_backward(z, target, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, target, weight = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing, has_ignored = ctx.options
+        yhat = torch.softmax(z, 1)  # (m, C)
+        t, denom = _target_rows(z, target, weight, ignore_index, label_smoothing, has_ignored)
+        scale = _scale(grad, reduction, denom)
+        if t is None:  # plain one-hot: delta_L = yhat - y
+            minus_one = yhat.new_full((1, 1), -1.0).expand(yhat.shape[0], 1)
+            delta_L = yhat.scatter_add(1, target[:, None], minus_one)
+        else:
+            delta_L = t.sum(1, keepdim=True) * yhat - t
+        grad_z = delta_L * scale if ctx.needs_input_grad[0] else None
+        grad_target = None
+        if ctx.needs_input_grad[1]:  # probability targets: dL/dt = -(1-eps) w log yhat
+            w = 1.0 if weight is None else weight
+            grad_target = -(1 - label_smoothing) * w * torch.log_softmax(z, 1) * scale
+        return grad_z, grad_target, None, None, None, None, None
+
+
+def _target_rows(z, target, weight, ignore_index, label_smoothing, has_ignored):
+    """The target rows t (None for plain one-hot) and the 'mean' denominator, as torch does."""
+    m, C = z.shape
+    if target.is_floating_point():  # class probabilities
+        t = target if label_smoothing == 0 else target * (1 - label_smoothing) + label_smoothing / C
+        return (t if weight is None else t * weight), m
+    if weight is None and label_smoothing == 0 and not has_ignored:
+        return None, m
+    valid = target != ignore_index
+    y = target.masked_fill(~valid, 0)
+    w = torch.ones(C, dtype=z.dtype, device=z.device) if weight is None else weight
+    w_y = w[y] * valid  # (m,) weight of each row's class, 0 where ignored
+    t = torch.zeros_like(z).scatter(1, y[:, None], ((1 - label_smoothing) * w_y)[:, None])
+    if label_smoothing:
+        t = t + (label_smoothing / C) * w * valid[:, None]
+    return t, w_y.sum()
+
+
+def softmax_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Softmax output + cross-entropy, as F.cross_entropy, with delta_L = yhat - y by hand.
+
+    Args:
+        input: logits z, (N, C), (C,) or (N, C, d1, ...).
+        target: class indices (N,) / (N, d1, ...) in [0, C), or class probabilities shaped
+            like input.
+        weight: (C,) per-class weights, or None.
+        ignore_index: class-index targets equal to it contribute nothing (default -100).
+        reduction: "mean" (over examples, weighted as torch does), "sum" or "none".
+        label_smoothing: eps in [0, 1]: targets become (1 - eps) y + eps / C.
+    """
+    z, target, has_ignored, shape = check_cross_entropy(
+        input, target, weight, ignore_index, reduction, label_smoothing
+    )
+    if z.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(z.device.type):
+        z = z.float()  # autocast runs losses in float32, as it does for F.cross_entropy
+        target = target.float() if target.is_floating_point() else target
+    loss = apply(SoftmaxCrossEntropyFunction, z, target, weight, ignore_index, reduction,
+                 float(label_smoothing), has_ignored)
+    return loss.reshape(shape) if reduction == "none" else loss
+
+
+class SigmoidBCEFunction(Function):
+    """L = -w [p y log sigma(z) + (1 - y) log(1 - sigma(z))].
+
+    delta_L = w ((1 + (p - 1) y) yhat - p y), yhat = sigma(z).
+
+    With no weights (w = p = 1) that is sigma(z) - y = yhat - y. Computed with softplus so large
+    |z| never overflows: -log sigma(z) = softplus(-z), -log(1 - sigma(z)) = softplus(z).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z, y, weight, pos_weight, reduction):
+        p = 1.0 if pos_weight is None else pos_weight
+        loss = p * y * F.softplus(-z) + (1 - y) * F.softplus(z)
+        if weight is not None:
+            loss = loss * weight
+        if reduction == "none":
+            return loss
+        return loss.mean() if reduction == "mean" else loss.sum()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, y, weight, pos_weight, reduction = inputs
+        ctx.reduction = reduction
+        ctx.save_for_backward(z, y, weight, pos_weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, y, weight, pos_weight = ctx.saved_tensors
+        scale = grad if ctx.reduction != "mean" else grad / z.numel()
+        w = scale if weight is None else weight * scale
+        grad_z = grad_y = None
+        if ctx.needs_input_grad[0]:
+            yhat = torch.sigmoid(z)
+            if pos_weight is None:
+                delta_L = yhat - y
+            else:
+                delta_L = (1 + (pos_weight - 1) * y) * yhat - pos_weight * y
+            grad_z = delta_L * w
+        if ctx.needs_input_grad[1]:  # dL/dy = -w [p log sigma(z) - log(1 - sigma(z))]
+            p = 1.0 if pos_weight is None else pos_weight
+            grad_y = (p * F.softplus(-z) - F.softplus(z)) * w
+        return grad_z, grad_y, None, None, None
+
+
+def sigmoid_binary_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    pos_weight: Tensor | None = None,
+) -> Tensor:
+    """Logistic output + binary cross-entropy, as F.binary_cross_entropy_with_logits.
+
+    Args:
+        input: logits z, any shape. target: probabilities y in [0, 1], same shape.
+        weight: rescales each element's loss; broadcast to input's shape.
+        reduction: "mean" (over all elements), "sum" or "none".
+        pos_weight: weight of the positive term, broadcast along the last (class) dim.
+    """
+    check_bce(input, target, weight, reduction, pos_weight)
+    if torch.is_autocast_enabled(input.device.type) and input.dtype != torch.float64:
+        input, target = input.float(), target.float()
+    return apply(SigmoidBCEFunction, input, target, weight, pos_weight, reduction)
+
+
+class MSEFunction(Function):
+    """L = (yhat - y)^2 with an identity output; delta_L = 2 (yhat - y), over m for 'mean'."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(yhat, y, reduction):
+        loss = (yhat - y).square()
+        if reduction == "none":
+            return loss
+        return loss.mean() if reduction == "mean" else loss.sum()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        yhat, y, reduction = inputs
+        ctx.reduction = reduction
+        ctx.save_for_backward(yhat, y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        yhat, y = ctx.saved_tensors
+        scale = grad if ctx.reduction != "mean" else grad / yhat.numel()
+        delta_L = 2 * (yhat - y) * scale
+        return (
+            delta_L if ctx.needs_input_grad[0] else None,
+            -delta_L if ctx.needs_input_grad[1] else None,
+            None,
+        )
+
+
+def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Identity output + squared error, as F.mse_loss (but shapes must match exactly).
+
+    Args:
+        input: predictions yhat, any shape. target: y, the same shape.
+        reduction: "mean" (over all elements), "sum" or "none".
+    """
+    check_mse(input, target, reduction)
+    if torch.is_autocast_enabled(input.device.type) and input.dtype != torch.float64:
+        input, target = input.float(), target.float()
+    return apply(MSEFunction, input, target, reduction)
