@@ -49,7 +49,7 @@ def _relu_prime(a: Tensor) -> Tensor:
 
 
 def _leaky_relu_prime(a: Tensor) -> Tensor:
-    return torch.where(a > 0, 1.0, 0.01).to(a.dtype)  # a > 0 exactly when z > 0
+    return torch.where(a > 0, 1.0, torch.full_like(a, 0.01))  # a > 0 exactly when z > 0
 
 
 def _elu_prime(a: Tensor) -> Tensor:

@@ -37,9 +37,14 @@ def _eager_twin(fn: type[Function]) -> type[Function]:
 _TWINS: dict[type[Function], type[Function]] = {}
 
 
+def tracing() -> bool:
+    """True under torch.compile or a torch.func transform: no data-dependent Python there."""
+    return torch.compiler.is_compiling() or _functorch_active()
+
+
 def apply(fn: type[Function], *args):
     """fn.apply(*args), through the eager twin when neither torch.func nor compile is tracing."""
-    if torch.compiler.is_compiling() or _functorch_active():
+    if tracing():
         return fn.apply(*args)
     twin = _TWINS.get(fn)
     if twin is None:

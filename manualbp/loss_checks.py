@@ -3,6 +3,8 @@
 import torch
 from torch import Tensor
 
+from manualbp.apply import tracing
+
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -65,8 +67,8 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
 
 def _check_class_indices(where: str, target: Tensor, C: int, ignore_index: int) -> bool:
     """Raise on an index outside [0, C) that is not ignore_index; say if any is ignored."""
-    if torch.compiler.is_compiling():
-        return True  # no data-dependent checks inside a graph: take the general path
+    if tracing():
+        return True  # no data-dependent checks inside a graph or vmap: take the general path
     if target.numel() == 0:
         return False
     lo, hi = (v.item() for v in torch.aminmax(target))

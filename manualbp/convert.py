@@ -1,0 +1,236 @@
+"""convert: give an existing model manualbp's hand-written backward, layer by layer.
+
+Every plain nn.Linear becomes a manualbp.Linear, and inside an nn.Sequential a Linear directly
+followed by an activation module that manualbp.ACTIVATIONS covers exactly is fused with it: the
+Linear computes a = g(z) itself and the activation's slot becomes nn.Identity, so indices and
+state_dict keys stay as they were.
+
+How a Linear is converted: its class is swapped in place (the way torch's own
+nn.utils.parametrize does it), not rebuilt. The layer stays the same object, so its Parameters
+(tied ones too), hooks and their handles, device, dtype, requires_grad, train/eval mode and any
+attribute other code set on it carry over without copying, an optimizer built beforehand keeps
+stepping the same tensors, and a layer reachable by several names is converted once for all.
+"""
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Literal, TypeVar, overload
+
+import torch
+from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from manualbp.modules import Linear
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=nn.Module)
+
+# Activation modules a Linear can absorb: (type, manualbp name, the settings that name assumes).
+# Exact types only: a subclass may compute something else.
+_FUSABLE = [
+    (nn.ReLU, "relu", {}),
+    (nn.Tanh, "tanh", {}),
+    (nn.Sigmoid, "sigmoid", {}),
+    (nn.SiLU, "silu", {}),
+    (nn.LeakyReLU, "leaky_relu", {"negative_slope": 0.01}),
+    (nn.ELU, "elu", {"alpha": 1.0}),
+    (nn.Softplus, "softplus", {"beta": 1.0, "threshold": 20.0}),
+    (nn.GELU, "gelu", {"approximate": "none"}),
+    (nn.GELU, "gelu_tanh", {"approximate": "tanh"}),
+]
+
+
+@dataclass
+class ConversionReport:
+    """What one convert call did, by qualified name as in module.named_modules() ("" = root).
+
+    Attributes:
+        converted: nn.Linear layers that are now manualbp.Linear (fused ones included).
+        fused: (linear, activation) pairs; the activation's slot now holds nn.Identity.
+        skipped: (name, reason) for Linear subclasses left alone, names listed in skip, and
+            activations next to a Linear that were not fused.
+    """
+
+    converted: list[str] = field(default_factory=list)
+    fused: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"convert: {len(self.converted)} Linear converted, {len(self.fused)} fused with "
+            f"their activation, {len(self.skipped)} skipped"
+        ]
+        lines += [f"  converted {name or '<root>'}" for name in self.converted]
+        lines += [f"  fused     {linear} + {act}" for linear, act in self.fused]
+        lines += [f"  skipped   {name or '<root>'}: {why}" for name, why in self.skipped]
+        return "\n".join(lines)
+
+
+@overload
+def convert(
+    module: M, *, fuse: bool = ..., skip: Iterable[str] = ..., report: Literal[False] = ...
+) -> M: ...
+@overload
+def convert(
+    module: M, *, fuse: bool = ..., skip: Iterable[str] = ..., report: Literal[True]
+) -> tuple[M, ConversionReport]: ...
+def convert(module, *, fuse=True, skip=(), report=False):
+    """Swap every plain nn.Linear in module for manualbp.Linear, in place; fuse g where safe.
+
+    Always in place (to keep the original, pass copy.deepcopy(module)). The report is logged
+    at INFO on the "manualbp.convert" logger and returned when report=True.
+
+    Left alone, each reported in report.skipped with the reason:
+      * Linear subclasses, e.g. nn.MultiheadAttention's out_proj, whose weight
+        F.multi_head_attention_forward reads directly (its forward never runs), LazyLinear
+        before its first forward, parametrized Linears;
+      * whatever skip names, with everything below it, by whichever name it is reached;
+      * fusion of activation modules whose settings differ from manualbp's g (e.g.
+        LeakyReLU(0.2)), of a Linear reachable by more than one name (g would reach its other
+        uses too), of a Linear with forward or backward hooks (they would see g(z), not z), and of
+        an activation with hooks (they would be lost with the module).
+    Activations outside an nn.Sequential (an attribute, or F.gelu in a forward) are never fused:
+    only Sequential fixes the order of calls. Its subclasses with their own forward do not either.
+
+    nn.TransformerEncoderLayer in eval mode with no grad to compute takes a fast path that reads
+    the weights directly (torch._transformer_encoder_layer_fwd): converted or not, it gives the
+    same outputs, and there is no backward to change. With grads on it runs manualbp's layers.
+
+    Args:
+        module: an eager (not torch.jit) nn.Module, converted in place.
+        fuse: fuse Linear + activation pairs inside nn.Sequential (default True).
+        skip: qualified names of submodules to leave as they are, e.g. ("lm_head",).
+        report: also return the ConversionReport (default False).
+
+    Returns:
+        module, or (module, ConversionReport) when report=True.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert: expected an nn.Module, got {type(module).__name__}")
+    if isinstance(module, torch.jit.ScriptModule):
+        raise TypeError(
+            f"convert: expected an eager nn.Module, got {type(module).__name__}; "
+            "convert before torch.jit.script"
+        )
+    rep = ConversionReport()
+    modules = list(module.named_modules())  # each module once, by its first name, parents first
+    skip_ids = _skipped_ids(module, skip, rep)
+    fusions = _plan_fusions(modules, skip_ids, rep) if fuse else {}
+    for name, m in modules:
+        if id(m) in skip_ids or isinstance(m, Linear):
+            continue
+        if type(m) is nn.Linear:
+            activation, seq, slot = fusions.get(id(m), ("identity", None, None))
+            m.__class__ = Linear  # same object: Parameters, hooks, mode all stay
+            m.activation = activation
+            rep.converted.append(name)
+            if seq is not None:
+                identity = nn.Identity()
+                identity.train(seq._modules[slot].training)
+                seq._modules[slot] = identity
+        elif isinstance(m, nn.Linear):
+            rep.skipped.append((name, _why_left_alone(m)))
+    logger.info("%s", rep)
+    return (module, rep) if report else module
+
+
+def _skipped_ids(module: nn.Module, skip: Iterable[str], rep: ConversionReport) -> set[int]:
+    """ids of the modules under the names in skip; refuse names that are not submodules."""
+    if isinstance(skip, str):
+        raise TypeError(
+            f"convert: expected skip to be a collection of names, got the str {skip!r}; "
+            f"write skip=({skip!r},)"
+        )
+    ids = set()
+    for name in skip:
+        try:
+            sub = module.get_submodule(name)
+        except (AttributeError, TypeError):
+            raise ValueError(
+                f"convert: expected skip to hold names from module.named_modules(), got {name!r}"
+            ) from None
+        ids.update(id(m) for m in sub.modules())
+        rep.skipped.append((name, "listed in skip"))
+    return ids
+
+
+def _plan_fusions(
+    modules: list[tuple[str, nn.Module]], skip_ids: set[int], rep: ConversionReport
+) -> dict[int, tuple[str, nn.Sequential, str]]:
+    """id(linear) -> (activation name, Sequential, slot of the activation) for each safe pair."""
+    names = {id(m): name for name, m in modules}
+    n_parents = Counter(
+        id(child) for _, m in modules for child in m._modules.values() if child is not None
+    )
+    plan = {}
+    for seq_name, seq in modules:
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
+            continue
+        for (_, linear), (act_slot, act) in pairwise(seq._modules.items()):
+            if type(linear) is not nn.Linear or {id(linear), id(act)} & skip_ids:
+                continue
+            activation, why_not = _match_activation(act)
+            if activation is None and why_not is None:
+                continue  # not an activation module
+            act_name = f"{seq_name}.{act_slot}" if seq_name else act_slot
+            linear_name = names[id(linear)]
+            why_not = why_not or _why_not_fused(linear_name, linear, act, n_parents[id(linear)])
+            if why_not is not None:
+                rep.skipped.append((act_name, f"not fused: {why_not}"))
+                continue
+            plan[id(linear)] = (activation, seq, act_slot)
+            rep.fused.append((linear_name, act_name))
+    return plan
+
+
+def _why_not_fused(linear_name: str, linear: nn.Module, act: nn.Module, n_parents: int):
+    """Why fusing act into linear would change what the model computes, or None if it would not."""
+    if False:
+        return f"{linear_name} is reachable by several names; g would reach them all"
+    if _has_hooks(linear, ("_forward_hooks", "_backward")):
+        return f"{linear_name} has forward/backward hooks, which would see g(z), not z"
+    if _has_hooks(act, ("_",)):
+        return "it has hooks, which would be lost with the module"
+    return None
+
+
+def _match_activation(act: nn.Module) -> tuple[str | None, str | None]:
+    """(manualbp name, None) if act is fusable, (None, why not) if its settings differ,
+    (None, None) if it is no activation module that manualbp knows."""
+    known = [(name, settings) for kind, name, settings in _FUSABLE if type(act) is kind]
+    for name, settings in known:
+        if all(getattr(act, key) == value for key, value in settings.items()):
+            return name, None
+    if not known:
+        return None, None
+    wanted = " or ".join(
+        ", ".join(f"{key}={value!r}" for key, value in settings.items()) for _, settings in known
+    )
+    return None, f"{act!r} differs from manualbp's g, which needs {wanted}"
+
+
+def _has_hooks(m: nn.Module, prefixes: tuple[str, ...]) -> bool:
+    """Whether m has a non-empty hook dict whose attribute name starts with one of prefixes."""
+    return any(
+        key.startswith(prefixes) and key.endswith("hooks") and isinstance(hooks, dict) and hooks
+        for key, hooks in vars(m).items()
+    )
+
+
+def _why_left_alone(linear: nn.Linear) -> str:
+    """The reason a Linear subclass is not converted, for the report."""
+    kind = type(linear).__name__
+    if isinstance(linear, NonDynamicallyQuantizableLinear):
+        return (
+            f"{kind} (nn.MultiheadAttention's out_proj): F.multi_head_attention_forward reads its "
+            "weight directly, so its forward never runs"
+        )
+    if isinstance(linear, nn.LazyLinear):
+        return f"{kind} is not initialised yet; run one forward first (it then becomes nn.Linear)"
+    if hasattr(linear, "parametrizations"):
+        return f"{kind} is parametrized; its weight is computed by torch.nn.utils.parametrize"
+    return f"{kind} subclasses nn.Linear with behaviour of its own"
