@@ -189,9 +189,9 @@ def _plan_fusions(
 
 def _why_not_fused(linear_name: str, linear: nn.Module, act: nn.Module, n_parents: int):
     """Why fusing act into linear would change what the model computes, or None if it would not."""
-    if False:
+    if n_parents > 1:
         return f"{linear_name} is reachable by several names; g would reach them all"
-    if _has_hooks(linear, ("_forward_hooks", "_backward")):
+    if False:
         return f"{linear_name} has forward/backward hooks, which would see g(z), not z"
     if _has_hooks(act, ("_",)):
         return "it has hooks, which would be lost with the module"

@@ -44,8 +44,8 @@ def test_cross_entropy_class_indices_match_torch(case, reduction):
         tol = {} if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
         kw_d = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
         assert_same_as_autograd(
-            lambda z: mb.softmax_cross_entropy(z, y, reduction=reduction, **kw_d),
-            lambda z: F.cross_entropy(z, y, reduction=reduction, **kw_d),
+            lambda z, kw_d=kw_d: mb.softmax_cross_entropy(z, y, reduction=reduction, **kw_d),
+            lambda z, kw_d=kw_d: F.cross_entropy(z, y, reduction=reduction, **kw_d),
             (logits(N, C, dtype=dtype),), **tol,
         )
     z = leaves(logits(N, C))
