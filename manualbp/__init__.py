@@ -1,6 +1,8 @@
 """manualbp: PyTorch layers whose backward pass is the lecture's delta recursion, by hand."""
 
 from manualbp.activations import ACTIVATIONS, Activation
+from manualbp.convert import ConversionReport, convert
+from manualbp.fused import MLPFunction, Trace
 from manualbp.linear import LinearActFunction, linear_act
 from manualbp.losses import (
     MSEFunction,
@@ -10,13 +12,14 @@ from manualbp.losses import (
     sigmoid_binary_cross_entropy,
     softmax_cross_entropy,
 )
-from manualbp.mlp import MLP, MLPFunction, Trace
+from manualbp.mlp import MLP
 from manualbp.modules import BCEWithLogitsLoss, CrossEntropyLoss, Linear, MSELoss
 
 __all__ = [
     "ACTIVATIONS",
     "MLP",
     "Activation",
+    "ConversionReport",
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
     "Linear",
@@ -27,6 +30,7 @@ __all__ = [
     "SigmoidBCEFunction",
     "SoftmaxCrossEntropyFunction",
     "Trace",
+    "convert",
     "linear_act",
     "mse_loss",
     "sigmoid_binary_cross_entropy",

@@ -94,7 +94,9 @@ def convert(module, *, fuse=True, skip=(), report=False):
         uses too), of a Linear with forward or backward hooks (they would see g(z), not z), and of
         an activation with hooks (they would be lost with the module).
     Activations outside an nn.Sequential (an attribute, or F.gelu in a forward) are never fused:
-    only Sequential fixes the order of calls. Its subclasses with their own forward do not either.
+    only Sequential fixes the order of calls (not its subclasses that override forward).
+    Layers that are manualbp.Linear already are not touched or reported: converting twice changes
+    nothing more.
 
     nn.TransformerEncoderLayer in eval mode with no grad to compute takes a fast path that reads
     the weights directly (torch._transformer_encoder_layer_fwd): converted or not, it gives the
@@ -191,7 +193,7 @@ def _why_not_fused(linear_name: str, linear: nn.Module, act: nn.Module, n_parent
     """Why fusing act into linear would change what the model computes, or None if it would not."""
     if n_parents > 1:
         return f"{linear_name} is reachable by several names; g would reach them all"
-    if False:
+    if _has_hooks(linear, ("_forward_hooks", "_backward")):
         return f"{linear_name} has forward/backward hooks, which would see g(z), not z"
     if _has_hooks(act, ("_",)):
         return "it has hooks, which would be lost with the module"

@@ -65,7 +65,7 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
     return z, target, has_ignored, shape
 
 
-def _check_class_indices(where: str, target: Tensor, C: int, ignore_index: int) -> bool:
+def _check_class_indices(where: str, target: Tensor, C: int, ignore_index: int | None) -> bool:
     """Raise on an index outside [0, C) that is not ignore_index; say if any is ignored."""
     if tracing():
         return True  # no data-dependent checks inside a graph or vmap: take the general path
@@ -73,15 +73,19 @@ def _check_class_indices(where: str, target: Tensor, C: int, ignore_index: int) 
         return False
     lo, hi = (v.item() for v in torch.aminmax(target))
     if lo >= 0 and hi < C:
-        return 0 <= ignore_index < C and bool((target == ignore_index).any())
-    bad = ((target < 0) | (target >= C)) & (target != ignore_index)
+        return ignore_index is not None and 0 <= ignore_index < C and bool(
+            (target == ignore_index).any())
+    bad = (target < 0) | (target >= C)
+    if ignore_index is not None:
+        bad &= target != ignore_index
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         value = int(target[i])
         what = "negative" if value < 0 else f"out of range for C={C} classes"
+        skip = "" if ignore_index is None else f", or ignore_index={ignore_index} to skip it"
         raise ValueError(
             f"{where}: class index {value} at target[{i}] (flattened) is {what}; expected "
-            f"0 <= index < {C}, or ignore_index={ignore_index} to skip an example"
+            f"0 <= index < {C}{skip}"
         )
     return True
 
@@ -123,3 +127,20 @@ def check_mse(input, target, reduction) -> None:
             f"mse_loss: expected target of the input's shape {tuple(input.shape)}, got "
             f"{tuple(target.shape)}; reshape one of them (broadcasting here is almost always a bug)"
         )
+
+
+def check_mlp_target(x: Tensor, target: object, C: int) -> Tensor:
+    """Class indices for MLP.loss: shape x.shape[:-1], integer, each in [0, C)."""
+    if not isinstance(target, Tensor) or target.is_floating_point():
+        got = target.dtype if isinstance(target, Tensor) else type(target).__name__
+        raise TypeError(
+            f"MLP.loss: expected integer class indices as target, got {got}; for class "
+            "probabilities use softmax_cross_entropy(mlp(x), target)"
+        )
+    if target.shape != x.shape[:-1]:
+        raise ValueError(
+            f"MLP.loss: expected target of shape {tuple(x.shape[:-1])} for input "
+            f"{tuple(x.shape)}, got {tuple(target.shape)}"
+        )
+    _check_class_indices("MLP.loss", target.reshape(-1), C, ignore_index=None)
+    return target

@@ -51,20 +51,25 @@ class SoftmaxCrossEntropyFunction(Function):
     def backward(ctx, grad):
         z, target, weight = ctx.saved_tensors
         ignore_index, reduction, label_smoothing, has_ignored = ctx.options
-        yhat = torch.softmax(z, 1)  # (m, C)
         t, denom = _target_rows(z, target, weight, ignore_index, label_smoothing, has_ignored)
         scale = _scale(grad, reduction, denom)
-        if t is None:  # plain one-hot: delta_L = yhat - y
-            minus_one = yhat.new_full((1, 1), -1.0).expand(yhat.shape[0], 1)
-            delta_L = yhat.scatter_add(1, target[:, None], minus_one)
+        if t is None:  # plain one-hot
+            delta_L = yhat_minus_y(z, target)
         else:
-            delta_L = t.sum(1, keepdim=True) * yhat - t
+            delta_L = t.sum(1, keepdim=True) * torch.softmax(z, 1) - t
         grad_z = delta_L * scale if ctx.needs_input_grad[0] else None
         grad_target = None
         if ctx.needs_input_grad[1]:  # probability targets: dL/dt = -(1-eps) w log yhat
             w = 1.0 if weight is None else weight
             grad_target = -(1 - label_smoothing) * w * torch.log_softmax(z, 1) * scale
         return grad_z, grad_target, None, None, None, None, None
+
+
+def yhat_minus_y(z: Tensor, y: Tensor) -> Tensor:
+    """delta_L = yhat - y for a softmax output: softmax(z) (m, C) minus the one-hot of y (m,)."""
+    yhat = torch.softmax(z, 1)
+    minus_one = yhat.new_full((1, 1), -1.0).expand(yhat.shape[0], 1)
+    return yhat.scatter_add(1, y.reshape(-1, 1), minus_one)
 
 
 def _target_rows(z, target, weight, ignore_index, label_smoothing, has_ignored):

@@ -67,7 +67,7 @@ def _fused(activations, bias):
         flat = []
         for _ in activations:
             flat += [next(it), next(it) if bias else None]
-        return mb.MLPFunction.apply(x, tuple(activations), None, *flat)
+        return mb.MLPFunction.apply(x, None, tuple(activations), None, *flat)
     return f
 
 
@@ -257,3 +257,50 @@ def test_cuda_fused_matches_autograd(name, dtype):
     x = torch.randn(4, 16, device="cuda", dtype=dtype)
     tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-5, torch.float64: 1e-9}
     assert_same_as_autograd(mlp, twin, (x,), rtol=tol[dtype], atol=tol[dtype])
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 3)])
+@pytest.mark.parametrize("name", ["relu", "tanh", "gelu"])
+def test_folded_loss_matches_autograd_cross_entropy(name, lead):
+    torch.manual_seed(9)
+    mlp = mb.MLP([4, 6, 3], activation=name, dtype=torch.float64)
+    twin = autograd_twin(mlp)
+    x = torch.randn(*lead, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, lead)
+    loss, logits = mlp.loss(x, y)
+    ref_logits = twin(x)
+    ref = F.cross_entropy(ref_logits.reshape(-1, 3), y.reshape(-1))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(logits, ref_logits)
+    # gradient arriving through the loss and through the logits at once
+    g = noncontiguous_randn(logits.shape)
+    (2.5 * loss + (logits * g).sum()).backward()
+    (2.5 * ref + (ref_logits * g).sum()).backward()
+    for p, q in zip(mlp.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_folded_loss_gradcheck_and_gradgradcheck():
+    torch.manual_seed(10)
+    mlp = mb.MLP([3, 4, 3], activation="tanh", dtype=torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (5,))
+    params = list(mlp.parameters())
+
+    def f(x, *_):
+        loss, logits = mlp.loss(x, y)
+        return loss, logits
+
+    assert gradcheck(f, (x, *params))
+    assert gradgradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("target,error,pattern", [
+    (torch.tensor([0, 1, 3]), ValueError, r"MLP.loss: class index 3 at target\[2\].*C=3"),
+    (torch.tensor([0, -100, 1]), ValueError, r"class index -100 at target\[1\].*negative"),
+    (torch.tensor([0, 1]), ValueError, r"MLP.loss: expected target of shape \(3,\).*got \(2,\)"),
+    (torch.rand(3, 3), TypeError, "MLP.loss: expected integer class indices"),
+])
+def test_folded_loss_bad_targets(target, error, pattern):
+    with pytest.raises(error, match=pattern):
+        mb.MLP([2, 3]).loss(torch.randn(3, 2), target)
