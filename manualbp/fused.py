@@ -16,6 +16,7 @@ saved as outputs, not as intermediates, so double backward and saved-tensor hook
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
@@ -87,9 +88,9 @@ class MLPFunction(Function):
         a_L = a.reshape(*lead, a.shape[-1]) if x.dim() != 2 else a
         if target is None:
             return (a_L, *extras)
-        log_yhat = torch.log_softmax(a, 1)
-        loss = -log_yhat.gather(1, target.reshape(-1, 1)).mean()  # (1/m) sum -log yhat_y
-        return (a_L, *extras, loss)
+        log_yhat = torch.log_softmax(a, 1)  # returned too: backward's yhat is exp(log_yhat)
+        loss = F.nll_loss(log_yhat, target.reshape(-1))  # (1/m) sum -log yhat_y
+        return (a_L, *extras, log_yhat, loss)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -99,28 +100,34 @@ class MLPFunction(Function):
         ctx.trace = trace
         ctx.set_materialize_grads(False)
         ctx.head = target is not None
-        extras = output[1:-1] if ctx.head else output[1:]
-        # a[L] is saved when the output layer's own g' reads it or the folded softmax needs it.
-        ctx.save_last = layout[-1][2] == 0 or ctx.head
+        extras = output[1:-2] if ctx.head else output[1:]
+        # a[L] is saved when the output layer's own g' reads it; log yhat for the folded softmax.
+        ctx.save_last = layout[-1][2] == 0
         last = [output[0]] if ctx.save_last else []
-        ctx.save_for_backward(x, target, *params[0::2], *extras, *last)
+        log_yhat = [output[-2]] if ctx.head else []
+        ctx.save_for_backward(x, target, *params[0::2], *extras, *last, *log_yhat)
 
     @staticmethod
     def backward(ctx, *grad_out):
         activations, layout, needs = ctx.activations, ctx.layout, ctx.needs_input_grad
         L = len(activations)
         x, target, *saved = ctx.saved_tensors
-        weights = saved[:L]
-        a_L = saved[-1] if ctx.save_last else None
-        out = [a_L, *saved[L:len(saved) - ctx.save_last]]  # indexed as _layout says
+        weights, saved = saved[:L], saved[L:]
+        log_yhat = saved.pop() if ctx.head else None
+        a_L = saved.pop() if ctx.save_last else None
+        out = [a_L, *saved]  # indexed as _layout says
         n_L = weights[-1].shape[0]
         grad_a = grad_out[0]  # dL/da[L] from whoever used the output
         if grad_a is not None and grad_a.dim() != 2:
             grad_a = grad_a.reshape(-1, n_L)
         if ctx.head and grad_out[-1] is not None:
-            delta_L = yhat_minus_y(a_L.reshape(-1, n_L), target.reshape(-1))
+            delta_L = yhat_minus_y(torch.exp(log_yhat), target.reshape(-1))
             delta_L = delta_L * (grad_out[-1] / delta_L.shape[0])  # the slides' 1/m
             grad_a = delta_L if grad_a is None else grad_a + delta_L
+        if ctx.head and grad_out[-2] is not None:  # only double backward reaches log yhat
+            g = grad_out[-2]
+            g = g - torch.exp(log_yhat) * g.sum(1, keepdim=True)  # through log softmax
+            grad_a = g if grad_a is None else grad_a + g
         grads: list[Tensor | None] = [None] * (2 * L)
         deltas: list[Tensor] = []
         for i in range(L - 1, -1, -1):  # layer i + 1 in the slides' numbering

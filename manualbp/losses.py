@@ -3,7 +3,8 @@
 With a softmax output and cross-entropy (or a logistic output and binary cross-entropy, or an
 identity output and squared error) the output layer's delta collapses to yhat - y. Each Function
 below returns that, scaled by what the reduction does (1/m for "mean": the slides' 1/m lives
-here) and by the upstream gradient. Forward values follow torch's F.* losses exactly.
+here) and by the upstream gradient. Forward values are torch's own F.* losses, so they match
+bit for bit; only the derivatives are ours.
 """
 
 import torch
@@ -34,12 +35,9 @@ class SoftmaxCrossEntropyFunction(Function):
 
     @staticmethod
     def forward(z, target, weight, ignore_index, reduction, label_smoothing, has_ignored):
-        logp = torch.log_softmax(z, 1)  # log yhat, (m, C)
-        t, denom = _target_rows(z, target, weight, ignore_index, label_smoothing, has_ignored)
-        loss = -(t * logp).sum(1) if t is not None else -logp.gather(1, target[:, None])[:, 0]
-        if reduction == "none":
-            return loss
-        return loss.sum() / denom if reduction == "mean" else loss.sum()
+        # The value is torch's own (bit for bit); the derivative below is ours.
+        return F.cross_entropy(z, target, weight, ignore_index=ignore_index,
+                               reduction=reduction, label_smoothing=label_smoothing)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -54,7 +52,7 @@ class SoftmaxCrossEntropyFunction(Function):
         t, denom = _target_rows(z, target, weight, ignore_index, label_smoothing, has_ignored)
         scale = _scale(grad, reduction, denom)
         if t is None:  # plain one-hot
-            delta_L = yhat_minus_y(z, target)
+            delta_L = yhat_minus_y(torch.softmax(z, 1), target)
         else:
             delta_L = t.sum(1, keepdim=True) * torch.softmax(z, 1) - t
         grad_z = delta_L * scale if ctx.needs_input_grad[0] else None
@@ -65,9 +63,8 @@ class SoftmaxCrossEntropyFunction(Function):
         return grad_z, grad_target, None, None, None, None, None
 
 
-def yhat_minus_y(z: Tensor, y: Tensor) -> Tensor:
-    """delta_L = yhat - y for a softmax output: softmax(z) (m, C) minus the one-hot of y (m,)."""
-    yhat = torch.softmax(z, 1)
+def yhat_minus_y(yhat: Tensor, y: Tensor) -> Tensor:
+    """delta_L = yhat - y for a softmax output: yhat (m, C) minus the one-hot of y (m,)."""
     minus_one = yhat.new_full((1, 1), -1.0).expand(yhat.shape[0], 1)
     return yhat.scatter_add(1, y.reshape(-1, 1), minus_one)
 
@@ -133,13 +130,8 @@ class SigmoidBCEFunction(Function):
 
     @staticmethod
     def forward(z, y, weight, pos_weight, reduction):
-        p = 1.0 if pos_weight is None else pos_weight
-        loss = p * y * F.softplus(-z) + (1 - y) * F.softplus(z)
-        if weight is not None:
-            loss = loss * weight
-        if reduction == "none":
-            return loss
-        return loss.mean() if reduction == "mean" else loss.sum()
+        return F.binary_cross_entropy_with_logits(z, y, weight, reduction=reduction,
+                                                  pos_weight=pos_weight)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -194,10 +186,7 @@ class MSEFunction(Function):
 
     @staticmethod
     def forward(yhat, y, reduction):
-        loss = (yhat - y).square()
-        if reduction == "none":
-            return loss
-        return loss.mean() if reduction == "mean" else loss.sum()
+        return F.mse_loss(yhat, y, reduction=reduction)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
