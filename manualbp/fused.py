@@ -120,42 +120,47 @@ class MLPFunction(Function):
         grad_a = grad_out[0]  # dL/da[L] from whoever used the output
         if grad_a is not None and grad_a.dim() != 2:
             grad_a = grad_a.reshape(-1, n_L)
+        own_grad_a = False  # may grad_a be overwritten? never the caller's tensor
         if ctx.head and grad_out[-1] is not None:
             delta_L = yhat_minus_y(torch.exp(log_yhat), target.reshape(-1))
             delta_L = delta_L * (grad_out[-1] / delta_L.shape[0])  # the slides' 1/m
             grad_a = delta_L if grad_a is None else grad_a + delta_L
+            own_grad_a = not torch.is_grad_enabled()
         if ctx.head and grad_out[-2] is not None:  # only double backward reaches log yhat
             g = grad_out[-2]
             g = g - torch.exp(log_yhat) * g.sum(1, keepdim=True)  # through log softmax
             grad_a = g if grad_a is None else grad_a + g
+            own_grad_a = False
         grads: list[Tensor | None] = [None] * (2 * L)
-        deltas: list[Tensor] = []
+        deltas: list[Tensor] = []  # kept only for a Trace
+        # Without create_graph, a grad_a made here is overwritten by delta: one buffer less.
         for i in range(L - 1, -1, -1):  # layer i + 1 in the slides' numbering
             a_idx, z_idx, t_idx = layout[i]
             if i < L - 1 and grad_out[a_idx] is not None:  # someone used a hidden a
                 grad_a = grad_out[a_idx] if grad_a is None else grad_a + grad_out[a_idx]
+                own_grad_a = grad_a is not grad_out[a_idx] and not torch.is_grad_enabled()
             delta = None
             if grad_a is not None:
                 t = None if t_idx is None else out[t_idx]
                 if t is not None and t.dim() != 2:
                     t = t.reshape(grad_a.shape)
-                delta = delta_from(grad_a, t, activations[i])  # grad_a * g'(z)
+                delta = delta_from(grad_a, t, activations[i], inplace=own_grad_a)  # grad_a g'(z)
             if z_idx is not None and grad_out[z_idx] is not None:
                 delta = grad_out[z_idx] if delta is None else delta + grad_out[z_idx]
             grad_a = None
             if delta is None:  # no gradient reached this layer
                 continue
-            deltas.append(delta)
-            if i > 0:
-                a_prev = out[layout[i - 1][0]]
-            else:
-                a_prev = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+            if ctx.trace is not None:
+                deltas.append(delta)
+            a_prev = out[layout[i - 1][0]] if i > 0 else x.reshape(-1, x.shape[-1])
             if needs[4 + 2 * i]:
                 grads[2 * i] = delta.t().mm(a_prev)  # grad_W = delta^T a_prev
             if needs[5 + 2 * i]:
                 grads[2 * i + 1] = delta.sum(0)  # grad_b = sum(delta)
             if i > 0 or needs[0]:
                 grad_a = delta.mm(weights[i])  # dL/da[i-1] = delta W
+                own_grad_a = not torch.is_grad_enabled()
+            delta = None  # free it before the next layer's delta is made
         grad_x = grad_a.reshape(x.shape) if grad_a is not None and needs[0] else None
         if ctx.trace is not None:
             lead = x.shape[:-1]

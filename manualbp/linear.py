@@ -19,10 +19,15 @@ from manualbp.activations import ACTIVATIONS, check_activation
 from manualbp.apply import apply, autocast_dtype, cast_all
 
 
-def delta_from(grad_a: Tensor, t: Tensor, activation: str) -> Tensor:
-    """delta = grad_a * g'(.), where t is a (g' from the output) or z, as ACTIVATIONS says."""
+def delta_from(grad_a: Tensor, t: Tensor, activation: str, inplace: bool = False) -> Tensor:
+    """delta = grad_a * g'(.), where t is a (g' from the output) or z, as ACTIVATIONS says.
+
+    inplace: grad_a is a scratch tensor of ours (never the caller's, never under create_graph).
+    """
     g_prime = ACTIVATIONS[activation].g_prime
-    return grad_a if g_prime is None else grad_a * g_prime(t)
+    if g_prime is None:
+        return grad_a
+    return grad_a.mul_(g_prime(t)) if inplace else grad_a * g_prime(t)
 
 
 class LinearActFunction(Function):

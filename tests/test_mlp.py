@@ -53,7 +53,9 @@ def test_fused_matches_autograd_values_and_every_gradient(name, bias, lead, dtyp
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(out, ref, **tol)
     g = noncontiguous_randn(ref.shape, dtype)
+    g_before = g.clone()
     out.backward(g)
+    assert torch.equal(g, g_before)  # the caller's gradient is never overwritten
     ref.backward(g)
     torch.testing.assert_close(x.grad, x2.grad, **tol)
     for p, q in zip(params_of(mlp), params_of(twin), strict=True):
