@@ -34,7 +34,16 @@ def _eager_twin(fn: type[Function]) -> type[Function]:
     })
 
 
-_TWINS: dict[type[Function], type[Function]] = {}
+def _c_apply(twin: type[Function]):
+    """twin's C++ apply, skipping Function.apply's Python wrapper (a signature check and a pytree
+    walk that only matter inside torch.func, where we call fn.apply instead)."""
+    try:
+        return torch._C._FunctionBase.__dict__["apply"].__get__(None, twin)
+    except (AttributeError, KeyError, TypeError):  # a torch without it: the public path
+        return twin.apply
+
+
+_TWINS: dict[type[Function], object] = {}
 
 
 def tracing() -> bool:
@@ -46,10 +55,10 @@ def apply(fn: type[Function], *args):
     """fn.apply(*args), through the eager twin when neither torch.func nor compile is tracing."""
     if tracing():
         return fn.apply(*args)
-    twin = _TWINS.get(fn)
-    if twin is None:
-        twin = _TWINS[fn] = _eager_twin(fn)
-    return twin.apply(*args)
+    twin_apply = _TWINS.get(fn)
+    if twin_apply is None:
+        twin_apply = _TWINS[fn] = _c_apply(_eager_twin(fn))
+    return twin_apply(*args)
 
 
 def autocast_dtype(t: Tensor) -> torch.dtype | None:

@@ -28,38 +28,51 @@ class SoftmaxCrossEntropyFunction(Function):
 
     t is the target row: one-hot (scaled by the class weight, mixed with eps/C when label
     smoothing) for class indices, or the given probabilities. Plain one-hot gives yhat - y.
-    z: (m, C); target: (m,) int64 or (m, C) float. Saves z and target, recomputes softmax.
+    z: (m, C); target: (m,) int64 or (m, C) float. Returns (loss, log yhat): log yhat is an
+    output so that backward reads yhat = exp(log yhat) off it (a softmax costs more on CPU).
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(z, target, weight, ignore_index, reduction, label_smoothing, has_ignored):
+        log_yhat = torch.log_softmax(z, 1)
         # The value is torch's own (bit for bit); the derivative below is ours.
-        return F.cross_entropy(z, target, weight, ignore_index=ignore_index,
-                               reduction=reduction, label_smoothing=label_smoothing)
+        if label_smoothing == 0 and not target.is_floating_point():
+            loss = F.nll_loss(log_yhat, target, weight, ignore_index=ignore_index,
+                              reduction=reduction)
+        else:
+            loss = F.cross_entropy(z, target, weight, ignore_index=ignore_index,
+                                   reduction=reduction, label_smoothing=label_smoothing)
+        return loss, log_yhat
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         z, target, weight, *options = inputs
         ctx.options = options
-        ctx.save_for_backward(z, target, weight)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(target, weight, output[1])
 
     @staticmethod
-    def backward(ctx, grad):
-        z, target, weight = ctx.saved_tensors
+    def backward(ctx, grad, grad_log_yhat):
+        target, weight, log_yhat = ctx.saved_tensors
         ignore_index, reduction, label_smoothing, has_ignored = ctx.options
-        t, denom = _target_rows(z, target, weight, ignore_index, label_smoothing, has_ignored)
-        scale = _scale(grad, reduction, denom)
-        if t is None:  # plain one-hot
-            delta_L = yhat_minus_y(torch.softmax(z, 1), target)
-        else:
-            delta_L = t.sum(1, keepdim=True) * torch.softmax(z, 1) - t
-        grad_z = delta_L * scale if ctx.needs_input_grad[0] else None
-        grad_target = None
-        if ctx.needs_input_grad[1]:  # probability targets: dL/dt = -(1-eps) w log yhat
-            w = 1.0 if weight is None else weight
-            grad_target = -(1 - label_smoothing) * w * torch.log_softmax(z, 1) * scale
+        yhat = torch.exp(log_yhat)
+        grad_z = grad_target = None
+        if grad is not None:
+            t, denom = _target_rows(log_yhat, target, weight, ignore_index, label_smoothing,
+                                    has_ignored)
+            scale = _scale(grad, reduction, denom)
+            if t is None:  # plain one-hot
+                grad_z = yhat_minus_y(yhat, target) * scale
+            else:
+                grad_z = (t.sum(1, keepdim=True) * yhat - t) * scale
+            if ctx.needs_input_grad[1]:  # probability targets: dL/dt = -(1-eps) w log yhat
+                w = 1.0 if weight is None else weight
+                grad_target = -(1 - label_smoothing) * w * log_yhat * scale
+        if grad_log_yhat is not None:  # only double backward reaches log yhat
+            g = grad_log_yhat - yhat * grad_log_yhat.sum(1, keepdim=True)
+            grad_z = g if grad_z is None else grad_z + g
         return grad_z, grad_target, None, None, None, None, None
 
 
@@ -112,8 +125,8 @@ def softmax_cross_entropy(
     if z.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(z.device.type):
         z = z.float()  # autocast runs losses in float32, as it does for F.cross_entropy
         target = target.float() if target.is_floating_point() else target
-    loss = apply(SoftmaxCrossEntropyFunction, z, target, weight, ignore_index, reduction,
-                 float(label_smoothing), has_ignored)
+    loss, _ = apply(SoftmaxCrossEntropyFunction, z, target, weight, ignore_index, reduction,
+                    float(label_smoothing), has_ignored)
     return loss.reshape(shape) if reduction == "none" else loss
 
 

@@ -58,12 +58,13 @@ class MLP(nn.Module):
         return out[-1], out[0]
 
     def _run(self, x: Tensor, target: Tensor | None, trace: Trace | None):
-        layers = list(self.layers)
-        check_linear_args("MLP", x, layers[0].weight, layers[0].bias)
         params: list[Tensor | None] = []
-        for layer in layers:
+        activations = []
+        for layer in self.layers:
             params += (layer.weight, layer.bias)
-        activations = tuple(layer.activation for layer in layers)
+            activations.append(layer.activation)
+        check_linear_args("MLP", x, params[0], params[1])
+        activations = tuple(activations)
         dtype = autocast_dtype(x)
         if dtype is None:
             return apply(MLPFunction, x, target, activations, trace, *params)
