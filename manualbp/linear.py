@@ -24,10 +24,12 @@ def delta_from(grad_a: Tensor, t: Tensor, activation: str, inplace: bool = False
 
     inplace: grad_a is a scratch tensor of ours (never the caller's, never under create_graph).
     """
-    g_prime = ACTIVATIONS[activation].g_prime
-    if g_prime is None:
+    act = ACTIVATIONS[activation]
+    if act.g_prime is None:
         return grad_a
-    return grad_a.mul_(g_prime(t)) if inplace else grad_a * g_prime(t)
+    if act.delta is not None:
+        return act.delta(grad_a, t, inplace)
+    return grad_a.mul_(act.g_prime(t)) if inplace else grad_a * act.g_prime(t)
 
 
 class LinearActFunction(Function):

@@ -58,3 +58,15 @@ def test_g_prime_reads_the_output_where_math_allows(name):
 @pytest.mark.parametrize("name", ["softplus", "silu", "gelu", "gelu_tanh"])
 def test_g_prime_reads_z_otherwise(name):
     assert not ACTIVATIONS[name].from_output
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("name", sorted(n for n in TORCH_G if ACTIVATIONS[n].delta is not None))
+def test_fast_delta_equals_grad_times_g_prime(name, inplace):
+    act = ACTIVATIONS[name]
+    z = _grid()
+    a = act.g(z)
+    grad_a = torch.randn_like(z)
+    expected = grad_a * act.g_prime(a)
+    got = act.delta(grad_a.clone() if inplace else grad_a, a, inplace)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,27 @@
+"""Lightning and Hydra layer of manualbp: the LightningModule, teaching callbacks, the runner.
+
+Core manualbp imports torch only; everything that needs Lightning, Hydra or TensorBoard lives
+here. `train(cfg)` is what `python train.py` calls; docs/TRAINING.md is the user's guide.
+"""
+
+from manualbp.lit.boundary import DecisionBoundary
+from manualbp.lit.embedding import HiddenEmbedding
+from manualbp.lit.errors import user_message
+from manualbp.lit.grad_check import GradCheck
+from manualbp.lit.layer_stats import LayerStatsMonitor
+from manualbp.lit.module import LitMLP
+from manualbp.lit.nonfinite import NonFiniteLossError, NonFiniteLossGuard
+from manualbp.lit.runner import RunResult, train
+
+__all__ = [
+    "DecisionBoundary",
+    "GradCheck",
+    "HiddenEmbedding",
+    "LayerStatsMonitor",
+    "LitMLP",
+    "NonFiniteLossError",
+    "NonFiniteLossGuard",
+    "RunResult",
+    "train",
+    "user_message",
+]
