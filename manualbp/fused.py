@@ -105,7 +105,10 @@ class MLPFunction(Function):
         ctx.save_last = layout[-1][2] == 0
         last = [output[0]] if ctx.save_last else []
         log_yhat = [output[-2]] if ctx.head else []
-        ctx.save_for_backward(x, target, *params[0::2], *extras, *last, *log_yhat)
+        weights = list(params[0::2])
+        if not ctx.needs_input_grad[0]:
+            weights[0] = None  # W[1] only serves dL/dx; under autocast it is a real copy
+        ctx.save_for_backward(x, target, *weights, *extras, *last, *log_yhat)
 
     @staticmethod
     def backward(ctx, *grad_out):
@@ -114,37 +117,28 @@ class MLPFunction(Function):
         x, target, *saved = ctx.saved_tensors
         weights, saved = saved[:L], saved[L:]
         log_yhat = saved.pop() if ctx.head else None
-        a_L = saved.pop() if ctx.save_last else None
-        out = [a_L, *saved]  # indexed as _layout says
-        n_L = weights[-1].shape[0]
+        out = [saved.pop() if ctx.save_last else None, *saved]  # indexed as _layout says
+        scratch = not torch.is_grad_enabled()  # no create_graph: our own temporaries may be reused
         grad_a = grad_out[0]  # dL/da[L] from whoever used the output
         if grad_a is not None and grad_a.dim() != 2:
-            grad_a = grad_a.reshape(-1, n_L)
-        own_grad_a = False  # may grad_a be overwritten? never the caller's tensor
-        if ctx.head and grad_out[-1] is not None:
-            delta_L = yhat_minus_y(torch.exp(log_yhat), target.reshape(-1))
-            delta_L = delta_L * (grad_out[-1] / delta_L.shape[0])  # the slides' 1/m
-            grad_a = delta_L if grad_a is None else grad_a + delta_L
-            own_grad_a = not torch.is_grad_enabled()
-        if ctx.head and grad_out[-2] is not None:  # only double backward reaches log yhat
-            g = grad_out[-2]
-            g = g - torch.exp(log_yhat) * g.sum(1, keepdim=True)  # through log softmax
-            grad_a = g if grad_a is None else grad_a + g
-            own_grad_a = False
+            grad_a = grad_a.reshape(-1, grad_a.shape[-1])
+        own = False  # is grad_a a temporary of ours (never the caller's tensor)?
+        if ctx.head:
+            grad_a, own = _folded_softmax_delta(grad_a, grad_out[-1], grad_out[-2], log_yhat,
+                                                target, scratch)
         grads: list[Tensor | None] = [None] * (2 * L)
         deltas: list[Tensor] = []  # kept only for a Trace
-        # Without create_graph, a grad_a made here is overwritten by delta: one buffer less.
         for i in range(L - 1, -1, -1):  # layer i + 1 in the slides' numbering
             a_idx, z_idx, t_idx = layout[i]
             if i < L - 1 and grad_out[a_idx] is not None:  # someone used a hidden a
-                grad_a = grad_out[a_idx] if grad_a is None else grad_a + grad_out[a_idx]
-                own_grad_a = grad_a is not grad_out[a_idx] and not torch.is_grad_enabled()
+                extra = grad_out[a_idx]
+                grad_a, own = (extra, False) if grad_a is None else (grad_a + extra, scratch)
             delta = None
-            if grad_a is not None:
+            if grad_a is not None:  # delta = grad_a * g'(z)
                 t = None if t_idx is None else out[t_idx]
                 if t is not None and t.dim() != 2:
                     t = t.reshape(grad_a.shape)
-                delta = delta_from(grad_a, t, activations[i], inplace=own_grad_a)  # grad_a g'(z)
+                delta = delta_from(grad_a, t, activations[i], inplace=own)
             if z_idx is not None and grad_out[z_idx] is not None:
                 delta = grad_out[z_idx] if delta is None else delta + grad_out[z_idx]
             grad_a = None
@@ -158,11 +152,31 @@ class MLPFunction(Function):
             if needs[5 + 2 * i]:
                 grads[2 * i + 1] = delta.sum(0)  # grad_b = sum(delta)
             if i > 0 or needs[0]:
-                grad_a = delta.mm(weights[i])  # dL/da[i-1] = delta W
-                own_grad_a = not torch.is_grad_enabled()
+                grad_a, own = delta.mm(weights[i]), scratch  # dL/da[i-1] = delta W
             delta = None  # free it before the next layer's delta is made
         grad_x = grad_a.reshape(x.shape) if grad_a is not None and needs[0] else None
         if ctx.trace is not None:
             lead = x.shape[:-1]
             ctx.trace.delta = [d.detach().reshape(*lead, -1) for d in reversed(deltas)]
         return (grad_x, None, None, None, *grads)
+
+
+def _folded_softmax_delta(grad_a, grad_loss, grad_log_yhat, log_yhat, target, scratch):
+    """dL/da[L] from the folded softmax cross-entropy: (yhat - y) / m times the loss's grad.
+
+    Returns (grad_a, whether it is a temporary of ours).
+    """
+    if grad_loss is not None:
+        yhat = torch.exp(log_yhat)  # (m, C)
+        y = target.reshape(-1, 1)
+        if scratch:  # delta_L = yhat - y, built in yhat's own buffer
+            delta_L = yhat.scatter_add_(1, y, yhat.new_full((1, 1), -1.0).expand(len(y), 1))
+            delta_L.mul_(grad_loss / len(y))  # the slides' 1/m
+        else:
+            delta_L = yhat_minus_y(yhat, y) * (grad_loss / len(y))
+        grad_a = delta_L if grad_a is None else grad_a + delta_L
+    if grad_log_yhat is not None:  # only double backward reaches log yhat
+        g = grad_log_yhat
+        g = g - torch.exp(log_yhat) * g.sum(1, keepdim=True)  # through log softmax
+        grad_a = g if grad_a is None else grad_a + g
+    return grad_a, scratch and (grad_loss is not None or grad_log_yhat is not None)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from manualbp.lit.heads import head_probs
-from manualbp.lit.tensorboard import tensorboard_logger
+from manualbp.lit.tb_logger import tensorboard_logger
 
 # One RGB colour per class (cycled past 10), chosen to stay apart when paled.
 PALETTE = torch.tensor([

@@ -3,7 +3,7 @@
 import lightning as L
 
 import manualbp as mb
-from manualbp.lit.tensorboard import tensorboard_logger
+from manualbp.lit.tb_logger import tensorboard_logger
 
 
 class HiddenEmbedding(L.Callback):

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 
 import manualbp as mb
-from manualbp.lit.tensorboard import tensorboard_logger
+from manualbp.lit.tb_logger import tensorboard_logger
 
 
 class LayerStatsMonitor(L.Callback):
