@@ -1,0 +1,122 @@
+"""A whole training run on scikit-learn's bundled digits: torch variants vs MLPClassifier.
+
+Same task for everyone: [64, 128, 10], relu, Adam (lr 1e-3, betas 0.9/0.999, eps 1e-8), no
+weight decay (sklearn alpha=0), batch 64 with the short last batch kept, a fresh shuffle each
+epoch, 60 epochs run to the end (sklearn tol=0, n_iter_no_change past max_iter, no early
+stopping), float32 inputs standardised with the training split's mean and std. Timed: building
+the model and optimizer plus the training loop (torch), MLPClassifier.fit (sklearn). The torch
+side batches with a torch.randperm index per epoch, so no DataLoader is in what is measured.
+Runs on the CPU, where scikit-learn runs.
+"""
+
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import manualbp as mb
+
+SIZES = [64, 128, 10]
+SETTINGS = {"epochs": 60, "batch": 64, "lr": 1e-3, "activation": "relu", "test_size": 0.25}
+
+
+def load(seed: int = 0):
+    """Standardised float32 (X_train, X_test, y_train, y_test), a stratified 75/25 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_digits(return_X_y=True)
+    X_tr, X_te, y_tr, y_te = train_test_split(
+        X, y, test_size=SETTINGS["test_size"], stratify=y, random_state=seed
+    )
+    scaler = StandardScaler().fit(X_tr)
+    return (scaler.transform(X_tr).astype(np.float32), scaler.transform(X_te).astype(np.float32),
+            y_tr, y_te)
+
+
+def _torch_net(kind: str) -> tuple[nn.Module, Callable]:
+    """The network and its loss(net, x, y), as each variant trains in the step benchmark."""
+    act = SETTINGS["activation"]
+    if kind == "mlp":  # everything by hand, the softmax cross-entropy folded in
+        return mb.MLP(SIZES, act), lambda net, x, y: net.loss(x, y)[0]
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    if kind == "per_layer":  # convert() of the autograd model; the training code is unchanged
+        net = mb.convert(net)
+    return net, lambda net, x, y: F.cross_entropy(net(x), y)
+
+
+def train_torch(kind: str, X_tr: torch.Tensor, y_tr: torch.Tensor, seed: int,
+                adam: dict | None = None):
+    """Train one torch variant; returns (model, seconds)."""
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    net, loss_fn = _torch_net(kind)
+    opt = torch.optim.Adam(net.parameters(), lr=SETTINGS["lr"], betas=(0.9, 0.999), eps=1e-8,
+                           **(adam or {}))
+    n, batch = X_tr.shape[0], SETTINGS["batch"]
+    for _ in range(SETTINGS["epochs"]):
+        perm = torch.randperm(n)
+        for start in range(0, n, batch):
+            idx = perm[start:start + batch]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(net, X_tr[idx], y_tr[idx]).backward()
+            opt.step()
+    return net, time.perf_counter() - t0
+
+
+def train_sklearn(X_tr: np.ndarray, y_tr: np.ndarray, seed: int):
+    """Fit MLPClassifier with the matched settings; returns (classifier, seconds)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    clf = MLPClassifier(
+        hidden_layer_sizes=tuple(SIZES[1:-1]), activation=SETTINGS["activation"], solver="adam",
+        alpha=0.0, batch_size=SETTINGS["batch"], learning_rate_init=SETTINGS["lr"],
+        max_iter=SETTINGS["epochs"], shuffle=True, tol=0.0,
+        n_iter_no_change=SETTINGS["epochs"] + 1, early_stopping=False,
+        beta_1=0.9, beta_2=0.999, epsilon=1e-8, random_state=seed,
+    )
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # "max_iter reached": intended
+        clf.fit(X_tr, y_tr)
+    return clf, time.perf_counter() - t0
+
+
+def compare(repeats: int, kinds: tuple[str, ...] = ("autograd", "per_layer", "mlp", "sklearn"),
+            adam: dict | None = None):
+    """Each repeat trains every kind once (seed = repeat, order rotated); medians and means.
+
+    adam: extra torch.optim.Adam kwargs (foreach=True / fused=True) for the torch kinds.
+    """
+    X_tr, X_te, y_tr, y_te = load()
+    tX_tr, ty_tr = torch.from_numpy(X_tr), torch.from_numpy(y_tr).long()
+    tX_te = torch.from_numpy(X_te)
+    times = {k: [] for k in kinds}
+    accs = {k: [] for k in kinds}
+    extra = {}
+    for r in range(repeats):
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+            if kind == "sklearn":
+                clf, secs = train_sklearn(X_tr, y_tr, seed=r)
+                acc = float((clf.predict(X_te) == y_te).mean())
+                extra = {"sklearn_n_iter": clf.n_iter_, "sklearn_dtype": str(clf.coefs_[0].dtype)}
+            else:
+                net, secs = train_torch(kind, tX_tr, ty_tr, seed=r, adam=adam)
+                with torch.no_grad():
+                    acc = float((net(tX_te).argmax(1).numpy() == y_te).mean())
+            times[kind].append(secs)
+            accs[kind].append(100.0 * acc)
+    result = {"settings": {**SETTINGS, "sizes": SIZES, "repeats": repeats, "adam": adam or {},
+                           "n_train": len(y_tr), "n_test": len(y_te)}, **extra}
+    for kind in kinds:
+        result[kind] = {"median_s": statistics.median(times[kind]), "min_s": min(times[kind]),
+                        "samples_s": times[kind],
+                        "test_acc_mean": statistics.fmean(accs[kind]), "test_acc": accs[kind]}
+    return result

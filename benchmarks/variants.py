@@ -1,0 +1,121 @@
+"""The four torch variants the benchmark races, built from one set of initial weights.
+
+autograd   nn.Sequential(nn.Linear, act, ..., nn.Linear) + F.cross_entropy
+compile    the same network and loss under torch.compile (forward + loss; backward via AOTAutograd)
+per_layer  manualbp.convert(the autograd model): manualbp.Linear with the activation fused; the
+           training code is unchanged, so the loss stays F.cross_entropy
+mlp        manualbp.MLP.loss: one hand-written autograd node for the whole stack with the softmax
+           cross-entropy folded in (delta_L = yhat - y by hand too)
+"""
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import manualbp as mb
+
+NAMES = ("autograd", "compile", "per_layer", "mlp")
+ACT_MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
+
+
+@dataclass
+class Variant:
+    """A model, the function from a batch to its loss, and how the per-layer model was made."""
+
+    name: str
+    model: nn.Module
+    loss_fn: Callable[[Tensor, Tensor], Tensor]  # (x (m, n_0), y (m,)) -> scalar loss
+    autocast: torch.dtype | None
+    source: str = ""
+
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.autocast is None:
+            return self.loss_fn(x, y)
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            return self.loss_fn(x, y)
+
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One training step without the update: zero grads, forward, loss, backward."""
+        self.model.zero_grad(set_to_none=True)
+        loss = self.loss(x, y)
+        loss.backward()
+        return loss
+
+
+def autograd_net(sizes: list[int], activation: str) -> nn.Sequential:
+    """The plain-torch twin: Linear, activation module, ..., Linear (logits)."""
+    if activation not in ACT_MODULES:
+        raise ValueError(
+            f"benchmark: unknown activation {activation!r}; expected one of {sorted(ACT_MODULES)}"
+        )
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(ACT_MODULES[activation]())
+    return nn.Sequential(*layers)
+
+
+def per_layer_net(reference: nn.Sequential, activation: str) -> tuple[nn.Module, str]:
+    """manualbp.convert(reference) when the package has it, else the same thing built by hand."""
+    convert = getattr(mb, "convert", None)
+    if convert is not None:
+        net = convert(copy.deepcopy(reference))
+        plain = [m for m in net.modules() if type(m) is nn.Linear]
+        if plain:
+            raise RuntimeError(f"benchmark: manualbp.convert left {len(plain)} nn.Linear in place")
+        return net, "manualbp.convert"
+    linears = [m for m in reference if isinstance(m, nn.Linear)]
+    acts = [activation] * (len(linears) - 1) + ["identity"]
+    net = nn.Sequential(*(
+        mb.Linear(lin.in_features, lin.out_features, activation=act)
+        for lin, act in zip(linears, acts, strict=True)
+    ))
+    copy_params(reference, net)
+    return net, "nn.Sequential of manualbp.Linear"
+
+
+def copy_params(src: nn.Module, dst: nn.Module) -> None:
+    """Copy parameters in registration order (W1, b1, W2, b2, ... in every variant)."""
+    with torch.no_grad():
+        for p_dst, p_src in zip(dst.parameters(), src.parameters(), strict=True):
+            if p_dst.shape != p_src.shape:
+                raise RuntimeError(f"benchmark: shape {p_dst.shape} != {p_src.shape}")
+            p_dst.copy_(p_src)
+
+
+def build(sizes: list[int], activation: str, device: torch.device, autocast: torch.dtype | None,
+          names: tuple[str, ...] = NAMES, seed: int = 0) -> dict[str, Variant]:
+    """Every requested variant on device, float32 parameters, all with the same weights."""
+    torch.manual_seed(seed)
+    reference = autograd_net(sizes, activation).to(device)
+    variants: dict[str, Variant] = {}
+    for name in names:
+        if name == "autograd":
+            net = reference
+            variants[name] = Variant(name, net, _ce(net, F.cross_entropy), autocast)
+        elif name == "compile":
+            net = copy.deepcopy(reference)
+            variants[name] = Variant(name, net, torch.compile(_ce(net, F.cross_entropy)), autocast)
+        elif name == "per_layer":
+            net, source = per_layer_net(reference, activation)
+            net = net.to(device)
+            variants[name] = Variant(name, net, _ce(net, F.cross_entropy), autocast, source)
+        elif name == "mlp":
+            net = mb.MLP(sizes, activation).to(device)
+            copy_params(reference, net)
+            variants[name] = Variant(name, net, lambda x, y, net=net: net.loss(x, y)[0], autocast)
+        else:
+            raise ValueError(f"benchmark: unknown variant {name!r}; expected one of {NAMES}")
+    return variants
+
+
+def _ce(net: nn.Module, loss: Callable) -> Callable[[Tensor, Tensor], Tensor]:
+    def loss_fn(x: Tensor, y: Tensor) -> Tensor:
+        return loss(net(x), y)
+
+    return loss_fn
