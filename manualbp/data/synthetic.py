@@ -57,6 +57,7 @@ class _SyntheticDataModule(TensorDataModule):
 
     def _finish(self, x: Tensor, y: Tensor, num_classes: int) -> None:
         x = x + self.noise * torch.randn(x.shape, generator=self._generator)  # (n_samples, 2)
+        del self._generator  # all drawn; a torch.Generator cannot be pickled to DDP workers
         task = "binary" if num_classes == 2 else "multiclass"
         self._set_data(x.float(), y, task, num_classes)
 

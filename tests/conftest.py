@@ -1,0 +1,23 @@
+"""Shared fixtures."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+# Quiet, quick settings for runs inside tests; a test adds its own overrides after these.
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+@pytest.fixture
+def compose_train(tmp_path):
+    """compose_train(*overrides) -> configs/train.yaml composed by Hydra, writing into tmp_path."""
+
+    def _compose(*overrides: str, quiet: bool = True):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose("train", overrides=[f"output_dir={tmp_path}", *(QUIET if quiet else []),
+                                               *overrides])
+
+    return _compose
