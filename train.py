@@ -1,4 +1,4 @@
-"""Train a manualbp network: `python train.py [key=value ...]`; see docs/TRAINING.md.
+"""Train a manualbp network: `python train.py [key=value ...]`; see README.md ("Training").
 
 A thin Hydra entry: the work is manualbp.lit.train(cfg), which tests call directly. Errors a
 user can cause (a typo'd value, missing data files, a diverging loss) end as one log line and

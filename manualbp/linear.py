@@ -55,17 +55,18 @@ class LinearActFunction(Function):
         a_prev, W, _, activation = inputs
         ctx.activation = activation
         ctx.set_materialize_grads(False)
+        # a_prev serves only grad_W and W only grad_a_prev; under autocast each is a real copy.
+        need_a_prev, need_W = ctx.needs_input_grad[:2]
+        saved = [a_prev if need_W else None, W if need_a_prev else None]
         if isinstance(output, tuple):
-            ctx.save_for_backward(a_prev, W, output[1])  # g' needs z
-        elif ACTIVATIONS[activation].g_prime is None:
-            ctx.save_for_backward(a_prev, W)
-        else:
-            ctx.save_for_backward(a_prev, W, output)  # g' needs a
+            saved.append(output[1])  # g' needs z
+        elif ACTIVATIONS[activation].g_prime is not None:
+            saved.append(output)  # g' needs a
+        ctx.save_for_backward(*saved)
 
     @staticmethod
     def backward(ctx, grad_a: Tensor | None, grad_z: Tensor | None = None):
         a_prev, W, *t = ctx.saved_tensors
-        n_out, n_in = W.shape
         if grad_a is None:
             delta = grad_z
         else:
@@ -79,9 +80,9 @@ class LinearActFunction(Function):
         if need_a_prev:
             grad_a_prev = delta.matmul(W)  # (*, n_in)
         if need_W or need_b:
-            delta_2d = delta.reshape(-1, n_out)  # every leading dim is an example
+            delta_2d = delta.reshape(-1, delta.shape[-1])  # every leading dim is an example
             if need_W:
-                grad_W = delta_2d.t().mm(a_prev.reshape(-1, n_in))  # (n_out, n_in), contiguous
+                grad_W = delta_2d.t().mm(a_prev.reshape(-1, a_prev.shape[-1]))  # (n_out, n_in)
             if need_b:
                 grad_b = delta_2d.sum(0)
         return grad_a_prev, grad_W, grad_b, None

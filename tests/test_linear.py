@@ -219,3 +219,20 @@ def test_cuda_autocast(dtype):
     assert out.dtype == dtype
     out.float().sum().backward()
     assert W.grad.dtype == torch.float32 and torch.isfinite(W.grad).all()
+
+
+def test_saves_only_what_backward_needs():
+    # x needs no gradient: W serves only grad_x, so it must not be saved (under autocast it
+    # would be a real bf16 copy); a frozen W likewise frees the input.
+    saved = []
+    x, W, b = make((4,), dtype=torch.float32)
+    W.requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mb.linear_act(x, W, b, "relu")
+    assert not any(t is W or t.data_ptr() == W.data_ptr() for t in saved)
+    saved.clear()
+    x.requires_grad_()
+    W.requires_grad_(False)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mb.linear_act(x, W, b, "relu")
+    assert not any(t.data_ptr() == x.data_ptr() for t in saved)

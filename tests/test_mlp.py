@@ -306,3 +306,13 @@ def test_folded_loss_gradcheck_and_gradgradcheck():
 def test_folded_loss_bad_targets(target, error, pattern):
     with pytest.raises(error, match=pattern):
         mb.MLP([2, 3]).loss(torch.randn(3, 2), target)
+
+
+def test_first_weight_is_not_saved_when_x_needs_no_gradient():
+    mlp = mb.MLP([4, 5, 2])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mlp(torch.randn(3, 4))
+    first = mlp.layers[0].weight
+    assert not any(t.data_ptr() == first.data_ptr() for t in saved)
+    assert any(t.data_ptr() == mlp.layers[1].weight.data_ptr() for t in saved)

@@ -1,7 +1,7 @@
 """Lightning and Hydra layer of manualbp: the LightningModule, teaching callbacks, the runner.
 
 Core manualbp imports torch only; everything that needs Lightning, Hydra or TensorBoard lives
-here. `train(cfg)` is what `python train.py` calls; docs/TRAINING.md is the user's guide.
+here. `train(cfg)` is what `python train.py` calls; README.md ("Training") is the user's guide.
 """
 
 from manualbp.lit.boundary import DecisionBoundary
