@@ -1,0 +1,38 @@
+"""Smoke test of the benchmark script: it runs end to end and its own checks hold.
+
+Speed is never asserted here (no wall-clock bounds in tests); what is asserted is what the
+benchmark verifies besides speed: every manualbp variant's loss and gradients match autograd's,
+and it never saves more for backward than autograd.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_and_its_checks_hold(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--no-sklearn",
+         "--sizes", "2,32,32,2", "64,128,10@16", "--activations", "relu", "tanh",
+         "--out", str(out)],
+        check=True, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    result = json.loads(out.read_text())
+    assert len(result["configs"]) == 4
+    for config in result["configs"]:
+        variants = config["variants"]
+        assert set(variants) >= {"autograd", "per_layer", "mlp"}
+        assert config["per_layer_source"] == "manualbp.convert"
+        for name in ("per_layer", "mlp"):
+            assert variants[name]["check"]["grad_rel_err"] <= 1e-5, (name, config["sizes"])
+            assert variants[name]["check"]["loss_rel_err"] <= 1e-6, (name, config["sizes"])
+            assert variants[name]["saved"]["new"] <= variants["autograd"]["saved"]["new"]
+            assert variants[name]["step"]["median_s"] > 0
+    assert out.with_suffix(".md").read_text().startswith("Machine:")
