@@ -88,7 +88,9 @@ class MLPFunction(Function):
         a_L = a.reshape(*lead, a.shape[-1]) if x.dim() != 2 else a
         if target is None:
             return (a_L, *extras)
-        log_yhat = torch.log_softmax(a, 1)  # returned too: backward's yhat is exp(log_yhat)
+        # In float32 for half inputs, as autocast runs F.cross_entropy; returned too, since
+        # backward's yhat is exp(log_yhat).
+        log_yhat = torch.log_softmax(a.float() if a.element_size() < 4 else a, 1)
         loss = F.nll_loss(log_yhat, target.reshape(-1))  # (1/m) sum -log yhat_y
         return (a_L, *extras, log_yhat, loss)
 
@@ -126,6 +128,8 @@ class MLPFunction(Function):
         if ctx.head:
             grad_a, own = _folded_softmax_delta(grad_a, grad_out[-1], grad_out[-2], log_yhat,
                                                 target, scratch)
+            if grad_a is not None and grad_a.dtype != weights[-1].dtype:  # float32 head
+                grad_a, own = grad_a.to(weights[-1].dtype), scratch
         grads: list[Tensor | None] = [None] * (2 * L)
         deltas: list[Tensor] = []  # kept only for a Trace
         for i in range(L - 1, -1, -1):  # layer i + 1 in the slides' numbering

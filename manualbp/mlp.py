@@ -71,8 +71,7 @@ class MLP(nn.Module):
         x, *params = cast_all(dtype, x, *params)
         with torch.autocast(x.device.type, enabled=False):
             out = apply(MLPFunction, x, target, activations, trace, *params)
-        # the folded loss, like F.cross_entropy under autocast, is reported in float32
-        return out if target is None else (*out[:-1], out[-1].float())
+        return out  # the folded loss is float32 already, like F.cross_entropy under autocast
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, activation={self.activation}"

@@ -316,3 +316,21 @@ def test_first_weight_is_not_saved_when_x_needs_no_gradient():
     first = mlp.layers[0].weight
     assert not any(t.data_ptr() == first.data_ptr() for t in saved)
     assert any(t.data_ptr() == mlp.layers[1].weight.data_ptr() for t in saved)
+
+
+def test_folded_loss_under_autocast_runs_the_softmax_in_float32():
+    torch.manual_seed(11)
+    mlp = mb.MLP([16, 32, 4], activation="tanh")
+    twin = autograd_twin(mlp)
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logits = mlp.loss(x, y)
+        ref_logits = twin(x)
+        ref = F.cross_entropy(ref_logits, y)
+    assert loss.dtype == ref.dtype == torch.float32 and logits.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    ref.backward()
+    for p, q in zip(mlp.parameters(), twin.parameters(), strict=True):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-3)
