@@ -34,15 +34,19 @@ def _data():
 def _worker(rank: int, world: int, port: int, kind: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = nn.parallel.DistributedDataParallel(_build(kind))
-        x, y = _data()
-        shard = slice(rank * 4, rank * 4 + 4)
-        mb.softmax_cross_entropy(model(x[shard]), y[shard]).backward()
-        if rank == 0:
-            torch.save([p.grad for p in model.parameters()], out)
-    finally:
-        dist.destroy_process_group()
+    model = nn.parallel.DistributedDataParallel(_build(kind))
+    x, y = _data()
+    shard = slice(rank * 4, rank * 4 + 4)
+    mb.softmax_cross_entropy(model(x[shard]), y[shard]).backward()
+    if rank == 0:
+        torch.save([p.grad for p in model.parameters()], out)
+    dist.barrier()
+    del model
+    dist.destroy_process_group()
+    # Skip interpreter teardown: about 1 run in 10, a gloo thread's destructor there aborts the
+    # worker ("terminate called without an active exception") after all the work is done and
+    # saved; the parent checks the saved gradients, which is what this test is about.
+    os._exit(0)
 
 
 @pytest.mark.slow
