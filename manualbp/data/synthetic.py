@@ -93,17 +93,8 @@ class XORDataModule(_SyntheticDataModule):
         test_fraction: float = 0.15,
         standardize: bool = True,
     ) -> None:
-        super().__init__(
-            n_samples,
-            noise,
-            num_classes,
-            batch_size,
-            num_workers,
-            seed,
-            val_fraction,
-            test_fraction,
-            standardize,
-        )
+        super().__init__(n_samples, noise, num_classes, batch_size, num_workers,
+                         seed, val_fraction, test_fraction, standardize)
         corner = torch.arange(n_samples) % 4
         bits = torch.stack([corner // 2, corner % 2], dim=1)  # (n_samples, 2) in {0, 1}
         x = 2.0 * bits.float() - 1.0  # corners (+-1, +-1)
@@ -135,17 +126,8 @@ class MoonsDataModule(_SyntheticDataModule):
         test_fraction: float = 0.15,
         standardize: bool = True,
     ) -> None:
-        super().__init__(
-            n_samples,
-            noise,
-            num_classes,
-            batch_size,
-            num_workers,
-            seed,
-            val_fraction,
-            test_fraction,
-            standardize,
-        )
+        super().__init__(n_samples, noise, num_classes, batch_size, num_workers,
+                         seed, val_fraction, test_fraction, standardize)
         y = torch.arange(n_samples) % 2
         t = self._uniform(0.0, math.pi)
         upper = torch.stack([torch.cos(t), torch.sin(t)], dim=1)
@@ -181,17 +163,8 @@ class CirclesDataModule(_SyntheticDataModule):
         test_fraction: float = 0.15,
         standardize: bool = True,
     ) -> None:
-        super().__init__(
-            n_samples,
-            noise,
-            num_classes,
-            batch_size,
-            num_workers,
-            seed,
-            val_fraction,
-            test_fraction,
-            standardize,
-        )
+        super().__init__(n_samples, noise, num_classes, batch_size, num_workers,
+                         seed, val_fraction, test_fraction, standardize)
         if not _is_real(factor) or not 0 < factor < 1:
             raise ValueError(f"circles: expected 0 < factor < 1, got {factor!r}")
         self.factor = float(factor)
@@ -232,17 +205,8 @@ class SpiralsDataModule(_SyntheticDataModule):
         test_fraction: float = 0.15,
         standardize: bool = True,
     ) -> None:
-        super().__init__(
-            n_samples,
-            noise,
-            num_classes,
-            batch_size,
-            num_workers,
-            seed,
-            val_fraction,
-            test_fraction,
-            standardize,
-        )
+        super().__init__(n_samples, noise, num_classes, batch_size, num_workers,
+                         seed, val_fraction, test_fraction, standardize)
         if not _is_real(turns) or not 0 < turns < math.inf:
             raise ValueError(f"spirals: expected a finite turns > 0, got {turns!r}")
         self.turns = float(turns)
