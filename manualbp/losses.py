@@ -82,9 +82,9 @@ def yhat_minus_y(yhat: Tensor, y: Tensor) -> Tensor:
     return yhat.scatter_add(1, y.reshape(-1, 1), minus_one)
 
 
-def _target_rows(z, target, weight, ignore_index, label_smoothing, has_ignored):
+def _target_rows(log_yhat, target, weight, ignore_index, label_smoothing, has_ignored):
     """The target rows t (None for plain one-hot) and the 'mean' denominator, as torch does."""
-    m, C = z.shape
+    m, C = log_yhat.shape
     if target.is_floating_point():  # class probabilities
         t = target if label_smoothing == 0 else target * (1 - label_smoothing) + label_smoothing / C
         return (t if weight is None else t * weight), m
@@ -92,9 +92,9 @@ def _target_rows(z, target, weight, ignore_index, label_smoothing, has_ignored):
         return None, m
     valid = target != ignore_index
     y = target.masked_fill(~valid, 0)
-    w = torch.ones(C, dtype=z.dtype, device=z.device) if weight is None else weight
+    w = torch.ones(C, dtype=log_yhat.dtype, device=log_yhat.device) if weight is None else weight
     w_y = w[y] * valid  # (m,) weight of each row's class, 0 where ignored
-    t = torch.zeros_like(z).scatter(1, y[:, None], ((1 - label_smoothing) * w_y)[:, None])
+    t = torch.zeros_like(log_yhat).scatter(1, y[:, None], ((1 - label_smoothing) * w_y)[:, None])
     if label_smoothing:
         t = t + (label_smoothing / C) * w * valid[:, None]
     return t, w_y.sum()
