@@ -2,7 +2,7 @@
 
 from manualbp.activations import ACTIVATIONS, Activation
 from manualbp.convert import ConversionReport, convert
-from manualbp.fused import MLPFunction, Trace
+from manualbp.fused import MLPEagerFunction, MLPFunction, Trace
 from manualbp.linear import LinearActFunction, linear_act
 from manualbp.losses import (
     MSEFunction,
@@ -24,6 +24,7 @@ __all__ = [
     "CrossEntropyLoss",
     "Linear",
     "LinearActFunction",
+    "MLPEagerFunction",
     "MLPFunction",
     "MSEFunction",
     "MSELoss",

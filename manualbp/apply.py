@@ -34,9 +34,9 @@ def _eager_twin(fn: type[Function]) -> type[Function]:
     })
 
 
-def _c_apply(twin: type[Function]):
-    """twin's C++ apply, skipping Function.apply's Python wrapper (a signature check and a pytree
-    walk that only matter inside torch.func, where we call fn.apply instead)."""
+def c_apply(twin: type[Function]):
+    """An old-style Function's C++ apply, skipping Function.apply's Python wrapper (a signature
+    check and a pytree walk that only matter inside torch.func, where we call fn.apply instead)."""
     try:
         return torch._C._FunctionBase.__dict__["apply"].__get__(None, twin)
     except (AttributeError, KeyError, TypeError):  # a torch without it: the public path
@@ -57,7 +57,7 @@ def apply(fn: type[Function], *args):
         return fn.apply(*args)
     twin_apply = _TWINS.get(fn)
     if twin_apply is None:
-        twin_apply = _TWINS[fn] = _c_apply(_eager_twin(fn))
+        twin_apply = _TWINS[fn] = c_apply(_eager_twin(fn))
     return twin_apply(*args)
 
 

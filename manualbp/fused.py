@@ -1,16 +1,16 @@
 """The whole network's backward in one hand-written pass: the slides' algorithm as written.
 
 Forward computes a[1..L] layer by layer; backward starts from delta[L] and runs the recursion
+of manualbp.backprop for i = L..1, producing every gradient in one autograd node instead of one
+node per op. With a target, the softmax + cross-entropy output layer is folded in too:
+delta[L] = (yhat - y) / m.
 
-    grad_W[i]  = delta[i]^T a[i-1]                       (n_i, n_{i-1})
-    grad_b[i]  = sum(delta[i])                           (n_i,)
-    delta[i-1] = (delta[i] W[i]) * g'(z[i-1])            (m, n_{i-1})
-
-for i = L..1, producing every gradient in one autograd node instead of one node per op. With a
-target, the softmax + cross-entropy output layer is folded in too: delta[L] = (yhat - y) / m.
-
-The hidden a[i] (and z[i] where g' needs z) are returned as extra outputs of the Function and
-saved as outputs, not as intermediates, so double backward and saved-tensor hooks see them.
+Two Functions run that pass. MLPFunction is the general one, in the forward + setup_context
+style that torch.func and torch.compile need: the hidden a[i] (and z[i] where g' needs z) are
+returned as extra outputs and saved as outputs, so double backward and saved-tensor hooks see
+them. MLPEagerFunction is the lean one MLP uses in plain eager mode: it returns only the logits
+(and the loss), saves the hidden a[i] directly, and under create_graph recomputes them from the
+saved x and weights so that second derivatives stay exact.
 """
 
 from functools import lru_cache
@@ -21,8 +21,14 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manualbp.activations import ACTIVATIONS
-from manualbp.linear import delta_from
-from manualbp.losses import yhat_minus_y
+from manualbp.backprop import (
+    IGNORE_INDEX,
+    backward_pass,
+    forward_pass,
+    plan,
+    softmax_ce_delta,
+    softmax_ce_forward,
+)
 
 
 class Trace:
@@ -58,12 +64,19 @@ def _layout(activations: tuple[str, ...]) -> tuple[tuple[int, int | None, int | 
     return tuple(layout)
 
 
+def _rows(t: Tensor) -> Tensor:
+    """(*, n) as (m, n): every leading dim is an example."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
 class MLPFunction(Function):
-    """a_L, *extras[, loss] = MLPFunction.apply(x, target, activations, trace, W1, b1, ..., WL, bL).
+    """a_L, *extras[, log_yhat, loss] = MLPFunction.apply(x, target, activations, trace, W1, b1,
+    ..., WL, bL).
 
     activations: one name per layer (MLP passes identity for the last). Biases may be None.
     extras: the hidden a[i] and the z[i] whose g' needs z, laid out by _layout. target: None, or
-    class indices (m,) for the folded softmax cross-entropy, whose mean loss is then appended.
+    class indices (m,) for the folded softmax cross-entropy (F.cross_entropy's, ignore_index
+    -100), whose log yhat and mean loss are then appended.
     """
 
     generate_vmap_rule = True
@@ -71,27 +84,23 @@ class MLPFunction(Function):
     @staticmethod
     def forward(x, target, activations, trace, *params):
         lead = x.shape[:-1]
-        a = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x  # (m, n_0): rows are examples
+        outs, zs = forward_pass(_rows(x), plan(activations), params)
+        if trace is not None:
+            trace.a = [a.detach().reshape(*lead, -1) for a in outs]
         extras: list[Tensor] = []
-        L = len(activations)
-        for i, activation in enumerate(activations):
-            W, b = params[2 * i], params[2 * i + 1]
-            z = torch.addmm(b, a, W.t()) if b is not None else a.mm(W.t())  # (m, n_i)
-            act = ACTIVATIONS[activation]
-            a = z if act.g_prime is None else act.g(z)
-            if trace is not None:
-                trace.a.append(a.detach().reshape(*lead, -1))
-            if i < L - 1:
+        for i, (a, z) in enumerate(zip(outs, zs, strict=True)):
+            if i < len(outs) - 1:
                 extras.append(a)
-            if act.g_prime is not None and not act.from_output:
+            if z is not None:
                 extras.append(z)
+        a = outs[-1]
         a_L = a.reshape(*lead, a.shape[-1]) if x.dim() != 2 else a
         if target is None:
             return (a_L, *extras)
         # In float32 for half inputs, as autocast runs F.cross_entropy; returned too, since
         # backward's yhat is exp(log_yhat).
         log_yhat = torch.log_softmax(a.float() if a.element_size() < 4 else a, 1)
-        loss = F.nll_loss(log_yhat, target.reshape(-1))  # (1/m) sum -log yhat_y
+        loss = F.nll_loss(log_yhat, target.reshape(-1), ignore_index=IGNORE_INDEX)
         return (a_L, *extras, log_yhat, loss)
 
     @staticmethod
@@ -121,66 +130,100 @@ class MLPFunction(Function):
         log_yhat = saved.pop() if ctx.head else None
         out = [saved.pop() if ctx.save_last else None, *saved]  # indexed as _layout says
         scratch = not torch.is_grad_enabled()  # no create_graph: our own temporaries may be reused
-        grad_a = grad_out[0]  # dL/da[L] from whoever used the output
-        if grad_a is not None and grad_a.dim() != 2:
-            grad_a = grad_a.reshape(-1, grad_a.shape[-1])
-        own = False  # is grad_a a temporary of ours (never the caller's tensor)?
+        grad_a, own = grad_out[0], False  # dL/da[L] from whoever used the output
+        if grad_a is not None:
+            grad_a = _rows(grad_a)
         if ctx.head:
             grad_a, own = _folded_softmax_delta(grad_a, grad_out[-1], grad_out[-2], log_yhat,
-                                                target, scratch)
+                                                target.reshape(-1), scratch)
             if grad_a is not None and grad_a.dtype != weights[-1].dtype:  # float32 head
                 grad_a, own = grad_a.to(weights[-1].dtype), scratch
-        grads: list[Tensor | None] = [None] * (2 * L)
-        deltas: list[Tensor] = []  # kept only for a Trace
-        for i in range(L - 1, -1, -1):  # layer i + 1 in the slides' numbering
-            a_idx, z_idx, t_idx = layout[i]
-            if i < L - 1 and grad_out[a_idx] is not None:  # someone used a hidden a
-                extra = grad_out[a_idx]
-                grad_a, own = (extra, False) if grad_a is None else (grad_a + extra, scratch)
-            delta = None
-            if grad_a is not None:  # delta = grad_a * g'(z)
-                t = None if t_idx is None else out[t_idx]
-                if t is not None and t.dim() != 2:
-                    t = t.reshape(grad_a.shape)
-                delta = delta_from(grad_a, t, activations[i], inplace=own)
-            if z_idx is not None and grad_out[z_idx] is not None:
-                delta = grad_out[z_idx] if delta is None else delta + grad_out[z_idx]
-            grad_a = None
-            if delta is None:  # no gradient reached this layer
-                continue
-            if ctx.trace is not None:
-                deltas.append(delta)
-            a_prev = out[layout[i - 1][0]] if i > 0 else x.reshape(-1, x.shape[-1])
-            if needs[4 + 2 * i]:
-                grads[2 * i] = delta.t().mm(a_prev)  # grad_W = delta^T a_prev
-            if needs[5 + 2 * i]:
-                grads[2 * i + 1] = delta.sum(0)  # grad_b = sum(delta)
-            if i > 0 or needs[0]:
-                grad_a, own = delta.mm(weights[i]), scratch  # dL/da[i-1] = delta W
-            delta = None  # free it before the next layer's delta is made
-        grad_x = grad_a.reshape(x.shape) if grad_a is not None and needs[0] else None
+        lead = x.shape[:-1]
+        outs = [_rows(out[a_idx]) if i < L - 1 or ctx.save_last else None
+                for i, (a_idx, _, _) in enumerate(layout)]
+        zs = [None if z_idx is None else _rows(out[z_idx]) for _, z_idx, _ in layout]
+        extra_a = [grad_out[a_idx] if i < L - 1 else None for i, (a_idx, _, _) in enumerate(layout)]
+        extra_z = [None if z_idx is None else grad_out[z_idx] for _, z_idx, _ in layout]
+        deltas = [] if ctx.trace is not None else None
+        grads, grad_x = backward_pass(
+            grad_a, own, _rows(x), outs, zs, weights, plan(activations), (needs[0], *needs[4:]),
+            scratch, [_rows_or_none(e) for e in extra_a], [_rows_or_none(e) for e in extra_z],
+            deltas)
         if ctx.trace is not None:
-            lead = x.shape[:-1]
             ctx.trace.delta = [d.detach().reshape(*lead, -1) for d in reversed(deltas)]
+        grad_x = grad_x.reshape(x.shape) if grad_x is not None and needs[0] else None
         return (grad_x, None, None, None, *grads)
 
 
-def _folded_softmax_delta(grad_a, grad_loss, grad_log_yhat, log_yhat, target, scratch):
+def _rows_or_none(t: Tensor | None) -> Tensor | None:
+    return None if t is None else _rows(t)
+
+
+def _folded_softmax_delta(grad_a, grad_loss, grad_log_yhat, log_yhat, y, scratch):
     """dL/da[L] from the folded softmax cross-entropy: (yhat - y) / m times the loss's grad.
 
     Returns (grad_a, whether it is a temporary of ours).
     """
     if grad_loss is not None:
-        yhat = torch.exp(log_yhat)  # (m, C)
-        y = target.reshape(-1, 1)
-        if scratch:  # delta_L = yhat - y, built in yhat's own buffer
-            delta_L = yhat.scatter_add_(1, y, yhat.new_full((1, 1), -1.0).expand(len(y), 1))
-            delta_L.mul_(grad_loss / len(y))  # the slides' 1/m
-        else:
-            delta_L = yhat_minus_y(yhat, y) * (grad_loss / len(y))
+        count = (y != IGNORE_INDEX).sum().to(log_yhat.dtype)  # the m of the mean
+        delta_L = softmax_ce_delta(grad_loss, log_yhat, y, count)
         grad_a = delta_L if grad_a is None else grad_a + delta_L
     if grad_log_yhat is not None:  # only double backward reaches log yhat
         g = grad_log_yhat
         g = g - torch.exp(log_yhat) * g.sum(1, keepdim=True)  # through log softmax
         grad_a = g if grad_a is None else grad_a + g
     return grad_a, scratch and (grad_loss is not None or grad_log_yhat is not None)
+
+
+class MLPEagerFunction(Function):
+    """logits[, loss] = MLPEagerFunction.apply(x, target, activations, W1, b1, ..., WL, bL).
+
+    MLPFunction's pass with the fewest outputs and no per-call bookkeeping, for plain eager
+    mode only (old-style forward(ctx, ...): torch.func and torch.compile take MLPFunction).
+    x: (*, n_0) float32/float64; target: None, or class indices of shape (*).
+    """
+
+    @staticmethod
+    def forward(ctx, x, target, activations, *params):
+        steps = plan(activations)
+        outs, zs = forward_pass(_rows(x), steps, params, inplace=True)
+        a_L = outs[-1]
+        logits = a_L if x.dim() == 2 else a_L.reshape(*x.shape[:-1], a_L.shape[-1])
+        ctx.steps = steps
+        ctx.set_materialize_grads(False)
+        last = steps[-1]
+        if last.g is None or last.keeps_z:
+            outs[-1] = None  # the output layer's g' does not read a[L]
+        if target is None:
+            ctx.save_for_backward(x, None, None, None, *params, *outs, *zs)
+            return logits
+        y = target.reshape(-1)
+        log_yhat, loss, count = softmax_ce_forward(a_L, y)
+        ctx.save_for_backward(x, y, log_yhat, count, *params, *outs, *zs)
+        return logits, loss
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_loss=None):
+        steps = ctx.steps
+        L = len(steps)
+        x, y, log_yhat, count, *saved = ctx.saved_tensors
+        params, outs, zs = saved[:2 * L], saved[2 * L:3 * L], saved[3 * L:]
+        needs = ctx.needs_input_grad
+        x2 = _rows(x)
+        scratch = not torch.is_grad_enabled()
+        if not scratch:  # create_graph: rebuild a[i], z[i] as functions of x and the weights
+            outs, zs = forward_pass(x2, steps, params)
+            if log_yhat is not None:
+                log_yhat = torch.log_softmax(outs[-1], 1)
+        grad_a, own = None, False
+        if grad_logits is not None:
+            grad_a = _rows(grad_logits)
+        if grad_loss is not None:
+            delta_L = softmax_ce_delta(grad_loss, log_yhat, y, count)
+            grad_a, own = (delta_L if grad_a is None else grad_a + delta_L), scratch
+        if grad_a is None:
+            return (None,) * (3 + 2 * L)
+        grads, grad_x = backward_pass(grad_a, own, x2, outs, zs, params[0::2], steps,
+                                      (needs[0], *needs[3:]), scratch)
+        grad_x = grad_x.reshape(x.shape) if grad_x is not None and needs[0] else None
+        return (grad_x, None, None, *grads)

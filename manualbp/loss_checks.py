@@ -129,8 +129,8 @@ def check_mse(input, target, reduction) -> None:
         )
 
 
-def check_mlp_target(x: Tensor, target: object, C: int) -> Tensor:
-    """Class indices for MLP.loss: shape x.shape[:-1], integer, each in [0, C)."""
+def check_mlp_target(x: Tensor, target: object) -> Tensor:
+    """Class indices for MLP.loss: integer, of shape x.shape[:-1] (values: explain_mlp_target)."""
     if not isinstance(target, Tensor) or target.is_floating_point():
         got = target.dtype if isinstance(target, Tensor) else type(target).__name__
         raise TypeError(
@@ -142,5 +142,13 @@ def check_mlp_target(x: Tensor, target: object, C: int) -> Tensor:
             f"MLP.loss: expected target of shape {tuple(x.shape[:-1])} for input "
             f"{tuple(x.shape)}, got {tuple(target.shape)}"
         )
-    _check_class_indices("MLP.loss", target.reshape(-1), C, ignore_index=None)
     return target
+
+
+def explain_mlp_target(where: str, target: Tensor, C: int) -> None:
+    """Raise naming the first class index outside [0, C) that is not the ignored -100.
+
+    Called once the loss kernel has refused the target: checking every batch up front costs a
+    reduction and a host read per step (a device sync on CUDA).
+    """
+    _check_class_indices(where, target.reshape(-1), C, ignore_index=-100)

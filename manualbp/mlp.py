@@ -4,11 +4,21 @@ import torch
 from torch import Tensor, nn
 
 from manualbp.activations import check_activation
-from manualbp.apply import apply, autocast_dtype, cast_all
-from manualbp.fused import MLPFunction, Trace
+from manualbp.apply import apply, autocast_dtype, c_apply, cast_all, tracing
+from manualbp.backprop import (
+    backward_pass,
+    forward_pass,
+    plan,
+    softmax_ce_delta,
+    softmax_ce_forward,
+)
+from manualbp.fused import MLPEagerFunction, MLPFunction, Trace
 from manualbp.linear import check_linear_args
-from manualbp.loss_checks import check_mlp_target
+from manualbp.loss_checks import check_mlp_target, explain_mlp_target
 from manualbp.modules import Linear
+
+_EAGER_DTYPES = (torch.float32, torch.float64)
+_eager_apply = c_apply(MLPEagerFunction)
 
 
 class MLP(nn.Module):
@@ -49,29 +59,96 @@ class MLP(nn.Module):
     def loss(self, x: Tensor, target: Tensor, trace: Trace | None = None) -> tuple[Tensor, Tensor]:
         """(mean softmax cross-entropy, logits) with delta[L] = (yhat - y) / m folded in.
 
-        Same value and gradients as softmax_cross_entropy(self(x), target), in one node.
+        Same value and gradients as F.cross_entropy(self(x), target), in one autograd node.
 
         Args:
-            x: (*, n_0). target: class indices of shape (*), each in [0, n_L).
+            x: (*, n_0). target: class indices of shape (*), each in [0, n_L), or -100 to leave
+                that example out of the mean (F.cross_entropy's default ignore_index).
         """
-        out = self._run(x, check_mlp_target(x, target, self.sizes[-1]), trace)
-        return out[-1], out[0]
+        target = check_mlp_target(x, target)
+        try:
+            logits, loss = self._run(x, target, trace)
+        except IndexError:  # the loss kernel refused a class index: say which, and why
+            explain_mlp_target("MLP.loss", target, self.sizes[-1])
+            raise
+        return loss, logits
 
-    def _run(self, x: Tensor, target: Tensor | None, trace: Trace | None):
+    @torch.no_grad()
+    def backprop(self, x: Tensor, target: Tensor) -> Tensor:
+        """The slides' training pass with no autograd at all: forward, delta[L] = (yhat - y) / m,
+        the delta recursion, and each parameter's gradient added to its .grad.
+
+        Gives the gradients of `self.loss(x, target)[0].backward()` (the mean softmax
+        cross-entropy) without building a graph, so a step costs less; pair it with any
+        torch.optim optimizer. Differentiates the parameters only (x.grad is left alone), skips
+        parameters with requires_grad=False, and follows autocast like loss().
+        DistributedDataParallel averages gradients in autograd hooks, which this pass never
+        triggers: under DDP use loss().
+
+        Returns:
+            the loss, detached.
+        """
+        target = check_mlp_target(x, target)
+        params, activations = self._flat()
+        check_linear_args("MLP.backprop", x, params[0], params[1])
+        steps = plan(activations)
+        weights = params
+        dtype = autocast_dtype(x)
+        if dtype is not None:
+            x, *weights = cast_all(dtype, x, *params)
+        x2, y = x.reshape(-1, x.shape[-1]), target.reshape(-1)
+        with torch.autocast(x.device.type, enabled=False):
+            outs, zs = forward_pass(x2, steps, weights, inplace=True)
+            z_L = outs[-1]
+            try:
+                log_yhat, loss, count = softmax_ce_forward(
+                    z_L.float() if z_L.element_size() < 4 else z_L, y)
+            except IndexError:
+                explain_mlp_target("MLP.backprop", target, self.sizes[-1])
+                raise
+            delta_L = softmax_ce_delta(loss.new_ones(()), log_yhat, y, count).to(z_L.dtype)
+            needs = (False, *(p is not None and p.requires_grad for p in params))
+            grads, _ = backward_pass(delta_L, True, x2, outs, zs, weights[0::2], steps, needs,
+                                     scratch=True)
+        for p, g in zip(params, grads, strict=True):
+            if g is None:
+                continue
+            g = g.to(p.dtype)
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+        return loss
+
+    def _flat(self) -> tuple[list[Tensor | None], tuple[str, ...]]:
+        """[W1, b1, ..., WL, bL] and the activation names, read from the layers each call."""
         params: list[Tensor | None] = []
         activations = []
         for layer in self.layers:
-            params += (layer.weight, layer.bias)
+            own = layer._parameters  # direct: nn.Module.__getattr__ is the slow way in
+            W = own.get("weight")
+            params += (layer.weight if W is None else W,  # None: a parametrization's property
+                       own["bias"] if "bias" in own else layer.bias)
             activations.append(layer.activation)
+        return params, tuple(activations)
+
+    def _run(self, x: Tensor, target: Tensor | None, trace: Trace | None):
+        """(logits, loss or None) through the lean eager Function or, under torch.func,
+        torch.compile, autocast or a Trace, through MLPFunction."""
+        params, activations = self._flat()
         check_linear_args("MLP", x, params[0], params[1])
-        activations = tuple(activations)
         dtype = autocast_dtype(x)
+        if dtype is None and trace is None and x.dtype in _EAGER_DTYPES and not tracing():
+            out = _eager_apply(x, target, activations, *params)
+            return (out, None) if target is None else out
         if dtype is None:
-            return apply(MLPFunction, x, target, activations, trace, *params)
-        x, *params = cast_all(dtype, x, *params)
-        with torch.autocast(x.device.type, enabled=False):
             out = apply(MLPFunction, x, target, activations, trace, *params)
-        return out  # the folded loss is float32 already, like F.cross_entropy under autocast
+        else:
+            x, *params = cast_all(dtype, x, *params)
+            with torch.autocast(x.device.type, enabled=False):
+                out = apply(MLPFunction, x, target, activations, trace, *params)
+        # the folded loss is float32 under autocast already, like F.cross_entropy there
+        return out[0], (out[-1] if target is not None else None)
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, activation={self.activation}"

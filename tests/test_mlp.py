@@ -299,7 +299,7 @@ def test_folded_loss_gradcheck_and_gradgradcheck():
 
 @pytest.mark.parametrize("target,error,pattern", [
     (torch.tensor([0, 1, 3]), ValueError, r"MLP.loss: class index 3 at target\[2\].*C=3"),
-    (torch.tensor([0, -100, 1]), ValueError, r"class index -100 at target\[1\].*negative"),
+    (torch.tensor([0, -1, 1]), ValueError, r"class index -1 at target\[1\].*negative.*-100"),
     (torch.tensor([0, 1]), ValueError, r"MLP.loss: expected target of shape \(3,\).*got \(2,\)"),
     (torch.rand(3, 3), TypeError, "MLP.loss: expected integer class indices"),
 ])
@@ -308,14 +308,16 @@ def test_folded_loss_bad_targets(target, error, pattern):
         mb.MLP([2, 3]).loss(torch.randn(3, 2), target)
 
 
-def test_first_weight_is_not_saved_when_x_needs_no_gradient():
+def test_first_weight_copy_is_not_saved_under_autocast_when_x_needs_no_gradient():
+    # Under autocast W[1] reaches the Function as a bf16 copy: saving it would cost real memory
+    # and serve only dL/dx, which nobody asked for.
     mlp = mb.MLP([4, 5, 2])
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        mlp(torch.randn(3, 4))
-    first = mlp.layers[0].weight
-    assert not any(t.data_ptr() == first.data_ptr() for t in saved)
-    assert any(t.data_ptr() == mlp.layers[1].weight.data_ptr() for t in saved)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mlp(torch.randn(3, 4))
+    shapes = [tuple(t.shape) for t in saved if t.dtype == torch.bfloat16]
+    assert (5, 4) not in shapes and (2, 5) in shapes
 
 
 def test_folded_loss_under_autocast_runs_the_softmax_in_float32():
