@@ -5,7 +5,9 @@ weight decay (sklearn alpha=0), batch 64 with the short last batch kept, a fresh
 epoch, 60 epochs run to the end (sklearn tol=0, n_iter_no_change past max_iter, no early
 stopping), float32 inputs standardised with the training split's mean and std. Timed: building
 the model and optimizer plus the training loop (torch), MLPClassifier.fit (sklearn). The torch
-side batches with a torch.randperm index per epoch, so no DataLoader is in what is measured.
+side shuffles with one torch.randperm gather per epoch and slices batches from it, so no
+DataLoader is in what is measured. Every torch kind zeroes gradients before each step except
+backprop, whose MLP.backprop(accumulate=False) replaces them instead.
 Runs on the CPU, where scikit-learn runs.
 """
 
@@ -41,14 +43,17 @@ def load(seed: int = 0):
 
 
 def _torch_net(kind: str) -> tuple[nn.Module, Callable]:
-    """The network and its loss(net, x, y), as each variant trains in the step benchmark."""
+    """The network and its backward(net, x, y) (forward, loss, gradients into .grad), as each
+    variant trains in the step benchmark."""
     act = SETTINGS["activation"]
     if kind == "mlp":  # everything by hand, the softmax cross-entropy folded in
-        return mb.MLP(SIZES, act), lambda net, x, y: net.loss(x, y)[0]
+        return mb.MLP(SIZES, act), lambda net, x, y: net.loss(x, y)[0].backward()
+    if kind == "backprop":  # the same pass with no autograd at all; it replaces .grad
+        return mb.MLP(SIZES, act), lambda net, x, y: net.backprop(x, y, accumulate=False)
     net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
     if kind == "per_layer":  # convert() of the autograd model; the training code is unchanged
         net = mb.convert(net)
-    return net, lambda net, x, y: F.cross_entropy(net(x), y)
+    return net, lambda net, x, y: F.cross_entropy(net(x), y).backward()
 
 
 def train_torch(kind: str, X_tr: torch.Tensor, y_tr: torch.Tensor, seed: int,
@@ -56,16 +61,18 @@ def train_torch(kind: str, X_tr: torch.Tensor, y_tr: torch.Tensor, seed: int,
     """Train one torch variant; returns (model, seconds)."""
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    net, loss_fn = _torch_net(kind)
+    net, backward = _torch_net(kind)
     opt = torch.optim.Adam(net.parameters(), lr=SETTINGS["lr"], betas=(0.9, 0.999), eps=1e-8,
                            **(adam or {}))
     n, batch = X_tr.shape[0], SETTINGS["batch"]
+    zero = kind != "backprop"  # backprop(accumulate=False) overwrites .grad itself
     for _ in range(SETTINGS["epochs"]):
         perm = torch.randperm(n)
+        X, y = X_tr[perm], y_tr[perm]  # one gather per epoch; each batch is then a view
         for start in range(0, n, batch):
-            idx = perm[start:start + batch]
-            opt.zero_grad(set_to_none=True)
-            loss_fn(net, X_tr[idx], y_tr[idx]).backward()
+            if zero:
+                opt.zero_grad(set_to_none=True)
+            backward(net, X[start:start + batch], y[start:start + batch])
             opt.step()
     return net, time.perf_counter() - t0
 
@@ -89,7 +96,8 @@ def train_sklearn(X_tr: np.ndarray, y_tr: np.ndarray, seed: int):
     return clf, time.perf_counter() - t0
 
 
-def compare(repeats: int, kinds: tuple[str, ...] = ("autograd", "per_layer", "mlp", "sklearn"),
+def compare(repeats: int,
+            kinds: tuple[str, ...] = ("autograd", "per_layer", "mlp", "backprop", "sklearn"),
             adam: dict | None = None):
     """Each repeat trains every kind once (seed = repeat, order rotated); medians and means.
 

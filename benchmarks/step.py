@@ -87,7 +87,7 @@ def run_epoch(v: Variant, opt: torch.optim.Optimizer, X: Tensor, Y: Tensor, batc
     for start in range(0, X.shape[0], batch):
         idx = perm[start:start + batch]
         opt.zero_grad(set_to_none=True)
-        v.loss(X[idx], Y[idx]).backward()
+        v.fill_grads(X[idx], Y[idx])
         opt.step()
 
 

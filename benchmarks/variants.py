@@ -6,6 +6,7 @@ per_layer  manualbp.convert(the autograd model): manualbp.Linear with the activa
            training code is unchanged, so the loss stays F.cross_entropy
 mlp        manualbp.MLP.loss: one hand-written autograd node for the whole stack with the softmax
            cross-entropy folded in (delta_L = yhat - y by hand too)
+backprop   manualbp.MLP.backprop: the same pass with no autograd at all; it fills .grad itself
 """
 
 import copy
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 import manualbp as mb
 
-NAMES = ("autograd", "compile", "per_layer", "mlp")
+NAMES = ("autograd", "compile", "per_layer", "mlp", "backprop")
 ACT_MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
 
@@ -38,12 +39,21 @@ class Variant:
         with torch.autocast(x.device.type, dtype=self.autocast):
             return self.loss_fn(x, y)
 
+    def fill_grads(self, x: Tensor, y: Tensor) -> Tensor:
+        """Forward, loss and backward: every parameter's .grad gets this batch's gradient."""
+        if self.name != "backprop":
+            loss = self.loss(x, y)
+            loss.backward()
+            return loss
+        if self.autocast is None:
+            return self.model.backprop(x, y)
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            return self.model.backprop(x, y)
+
     def step(self, x: Tensor, y: Tensor) -> Tensor:
         """One training step without the update: zero grads, forward, loss, backward."""
         self.model.zero_grad(set_to_none=True)
-        loss = self.loss(x, y)
-        loss.backward()
-        return loss
+        return self.fill_grads(x, y)
 
 
 def autograd_net(sizes: list[int], activation: str) -> nn.Sequential:
@@ -105,7 +115,7 @@ def build(sizes: list[int], activation: str, device: torch.device, autocast: tor
             net, source = per_layer_net(reference, activation)
             net = net.to(device)
             variants[name] = Variant(name, net, _ce(net, F.cross_entropy), autocast, source)
-        elif name == "mlp":
+        elif name in ("mlp", "backprop"):
             net = mb.MLP(sizes, activation).to(device)
             copy_params(reference, net)
             variants[name] = Variant(name, net, lambda x, y, net=net: net.loss(x, y)[0], autocast)

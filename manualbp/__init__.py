@@ -3,7 +3,7 @@
 from manualbp.activations import ACTIVATIONS, Activation
 from manualbp.convert import ConversionReport, convert
 from manualbp.fused import MLPEagerFunction, MLPFunction, Trace
-from manualbp.linear import LinearActFunction, linear_act
+from manualbp.linear import LinearActEagerFunction, LinearActFunction, linear_act
 from manualbp.losses import (
     MSEFunction,
     SigmoidBCEFunction,
@@ -23,6 +23,7 @@ __all__ = [
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
     "Linear",
+    "LinearActEagerFunction",
     "LinearActFunction",
     "MLPEagerFunction",
     "MLPFunction",

@@ -121,6 +121,10 @@ ACTIVATIONS: dict[str, Activation] = {
 }
 ACTIVATIONS["logistic"] = ACTIVATIONS["sigmoid"]  # the slides' name
 
+# g applied in place, for a fresh z that nothing else reads (saves an allocation per layer).
+G_INPLACE = {"relu": torch.relu_, "tanh": torch.tanh_, "sigmoid": torch.sigmoid_,
+             "logistic": torch.sigmoid_}
+
 
 def check_activation(name: object, where: str) -> str:
     """Return name if it is a known activation, else raise naming the choices."""

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from manualbp.activations import ACTIVATIONS
+from manualbp.activations import ACTIVATIONS, G_INPLACE
 from manualbp.linear import delta_from
 
 IGNORE_INDEX = -100  # as F.cross_entropy: a target equal to it contributes nothing
@@ -33,10 +33,6 @@ class Step(NamedTuple):
     keeps_z: bool  # g' needs z, so the forward keeps it
 
 
-_INPLACE = {"relu": torch.relu_, "tanh": torch.tanh_, "sigmoid": torch.sigmoid_,
-            "logistic": torch.sigmoid_}
-
-
 @lru_cache(maxsize=256)
 def plan(activations: tuple[str, ...]) -> tuple[Step, ...]:
     """The per-layer Steps for a tuple of activation names (cached: models reuse theirs)."""
@@ -44,7 +40,7 @@ def plan(activations: tuple[str, ...]) -> tuple[Step, ...]:
     for name in activations:
         act = ACTIVATIONS[name]
         identity = act.g_prime is None
-        steps.append(Step(name, None if identity else act.g, _INPLACE.get(name),
+        steps.append(Step(name, None if identity else act.g, G_INPLACE.get(name),
                           not identity and not act.from_output))
     return tuple(steps)
 

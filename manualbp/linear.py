@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manualbp.activations import ACTIVATIONS, check_activation
-from manualbp.apply import apply, autocast_dtype, cast_all
+from manualbp.activations import ACTIVATIONS, G_INPLACE, check_activation
+from manualbp.apply import apply, autocast_dtype, c_apply, cast_all, tracing
 
 
 def delta_from(grad_a: Tensor, t: Tensor, activation: str, inplace: bool = False) -> Tensor:
@@ -88,6 +88,50 @@ class LinearActFunction(Function):
         return grad_a_prev, grad_W, grad_b, None
 
 
+class LinearActEagerFunction(Function):
+    """a = LinearActEagerFunction.apply(a_prev, W, b, activation): LinearActFunction's delta rule
+    with the least per-call work, for plain eager calls of activations whose g' reads a.
+
+    Old-style (forward(ctx, ...)), so torch.func and torch.compile take LinearActFunction. g runs
+    in place on the fresh z; only a leaves, and it is saved as the output it is, so double
+    backward is exact with nothing to recompute.
+    """
+
+    @staticmethod
+    def forward(ctx, a_prev, W, b, activation):
+        z = torch.nn.functional.linear(a_prev, W, b)  # (*, n_out)
+        need_a_prev, need_W = ctx.needs_input_grad[:2]
+        ctx.activation = activation
+        if activation == "identity":
+            ctx.save_for_backward(a_prev if need_W else None, W if need_a_prev else None, None)
+            return z
+        g = G_INPLACE.get(activation)
+        a = g(z) if g is not None else ACTIVATIONS[activation].g(z)
+        ctx.save_for_backward(a_prev if need_W else None, W if need_a_prev else None, a)
+        return a
+
+    @staticmethod
+    def backward(ctx, grad_a):
+        a_prev, W, a = ctx.saved_tensors
+        delta = grad_a if a is None else delta_from(grad_a, a, ctx.activation)
+        need_a_prev, need_W, need_b, _ = ctx.needs_input_grad
+        grad_a_prev = grad_W = grad_b = None
+        flat = delta.dim() == 2
+        if need_a_prev:
+            grad_a_prev = delta.mm(W) if flat else delta.matmul(W)  # (*, n_in)
+        if need_W or need_b:
+            delta_2d = delta if flat else delta.reshape(-1, delta.shape[-1])
+            if need_W:
+                rows = a_prev if a_prev.dim() == 2 else a_prev.reshape(-1, a_prev.shape[-1])
+                grad_W = delta_2d.t().mm(rows)  # (n_out, n_in)
+            if need_b:
+                grad_b = delta_2d.sum(0)
+        return grad_a_prev, grad_W, grad_b, None
+
+
+_eager_apply = c_apply(LinearActEagerFunction)
+
+
 def check_linear_args(where: str, a_prev: object, W: Tensor, b: Tensor | None) -> None:
     """Raise a clear error for input that F.linear would reject deep inside (or accept wrongly)."""
     if not isinstance(a_prev, Tensor):
@@ -147,6 +191,8 @@ def linear_act(
 def _apply(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str) -> Tensor:
     dtype = autocast_dtype(a_prev)
     if dtype is None:
+        if ACTIVATIONS[activation].from_output and not tracing():
+            return _eager_apply(a_prev, W, b, activation)
         out = apply(LinearActFunction, a_prev, W, b, activation)
     else:
         a_prev, W, b = cast_all(dtype, a_prev, W, b)

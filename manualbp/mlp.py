@@ -73,8 +73,7 @@ class MLP(nn.Module):
             raise
         return loss, logits
 
-    @torch.no_grad()
-    def backprop(self, x: Tensor, target: Tensor) -> Tensor:
+    def backprop(self, x: Tensor, target: Tensor, accumulate: bool = True) -> Tensor:
         """The slides' training pass with no autograd at all: forward, delta[L] = (yhat - y) / m,
         the delta recursion, and each parameter's gradient added to its .grad.
 
@@ -85,40 +84,57 @@ class MLP(nn.Module):
         DistributedDataParallel averages gradients in autograd hooks, which this pass never
         triggers: under DDP use loss().
 
+        Args:
+            x: (*, n_0). target: class indices of shape (*), as loss() takes them.
+            accumulate: add to .grad, as backward() does (default); False replaces .grad, so
+                no zero_grad() is needed between steps.
+
         Returns:
             the loss, detached.
         """
         target = check_mlp_target(x, target)
         params, activations = self._flat()
         check_linear_args("MLP.backprop", x, params[0], params[1])
-        steps = plan(activations)
-        weights = params
         dtype = autocast_dtype(x)
-        if dtype is not None:
-            x, *weights = cast_all(dtype, x, *params)
-        x2, y = x.reshape(-1, x.shape[-1]), target.reshape(-1)
-        with torch.autocast(x.device.type, enabled=False):
-            outs, zs = forward_pass(x2, steps, weights, inplace=True)
-            z_L = outs[-1]
-            try:
-                log_yhat, loss, count = softmax_ce_forward(
-                    z_L.float() if z_L.element_size() < 4 else z_L, y)
-            except IndexError:
-                explain_mlp_target("MLP.backprop", target, self.sizes[-1])
-                raise
-            delta_L = softmax_ce_delta(loss.new_ones(()), log_yhat, y, count).to(z_L.dtype)
-            needs = (False, *(p is not None and p.requires_grad for p in params))
-            grads, _ = backward_pass(delta_L, True, x2, outs, zs, weights[0::2], steps, needs,
-                                     scratch=True)
-        for p, g in zip(params, grads, strict=True):
-            if g is None:
-                continue
-            g = g.to(p.dtype)
-            if p.grad is None:
-                p.grad = g
+        with torch.no_grad():
+            if dtype is None:
+                grads, loss = self._backprop(x, target, params, activations, params)
             else:
-                p.grad.add_(g)
+                x, *weights = cast_all(dtype, x, *params)
+                with torch.autocast(x.device.type, enabled=False):
+                    grads, loss = self._backprop(x, target, weights, activations, params)
+            for p, g in zip(params, grads, strict=True):
+                if g is None:
+                    continue
+                if g.dtype != p.dtype:
+                    g = g.to(p.dtype)
+                if p.grad is None or not accumulate:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
         return loss
+
+    def _backprop(self, x: Tensor, target: Tensor, weights, activations, params):
+        """(grads W1, b1, ..., loss) by the shared pass, in weights' dtype; no grad mode, no
+        autocast here. params: the parameters themselves, for which ones want a gradient."""
+        steps = plan(activations)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y = target.reshape(-1)
+        outs, zs = forward_pass(x2, steps, weights, inplace=True)
+        z_L = outs[-1]
+        try:
+            log_yhat, loss, count = softmax_ce_forward(
+                z_L if z_L.element_size() >= 4 else z_L.float(), y)
+        except IndexError:
+            explain_mlp_target("MLP.backprop", target, self.sizes[-1])
+            raise
+        delta_L = softmax_ce_delta(torch.ones_like(loss), log_yhat, y, count)
+        if delta_L.dtype != z_L.dtype:
+            delta_L = delta_L.to(z_L.dtype)
+        needs = (False, *(p is not None and p.requires_grad for p in params))
+        grads, _ = backward_pass(delta_L, True, x2, outs, zs, weights[0::2], steps, needs,
+                                 scratch=True)
+        return grads, loss
 
     def _flat(self) -> tuple[list[Tensor | None], tuple[str, ...]]:
         """[W1, b1, ..., WL, bL] and the activation names, read from the layers each call."""

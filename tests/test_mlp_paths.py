@@ -166,6 +166,10 @@ def test_backprop_accumulates_skips_frozen_and_leaves_x_alone():
     for p, g in zip(mlp.parameters(), once, strict=True):
         if g is not None:
             torch.testing.assert_close(p.grad, 2 * g)
+    mlp.backprop(x, y, accumulate=False)
+    for p, g in zip(mlp.parameters(), once, strict=True):
+        if g is not None:
+            torch.testing.assert_close(p.grad, g)
 
 
 def test_backprop_with_adam_trains_like_autograd():
