@@ -64,6 +64,8 @@ def _tanh_delta(grad_a: Tensor, a: Tensor, inplace: bool) -> Tensor:
 def _relu_delta(grad_a: Tensor, a: Tensor, inplace: bool) -> Tensor:
     # grad_a where a > 0, else 0: the product with relu's 0/1 derivative as one masked-copy
     # kernel (aten's threshold_backward is exactly that select; it is no autograd formula).
+    if inplace:  # written over grad_a itself: no new (m, n) buffer
+        return torch.ops.aten.threshold_backward.grad_input(grad_a, a, 0, grad_input=grad_a)
     return torch.ops.aten.threshold_backward(grad_a, a, 0)
 
 

@@ -88,7 +88,8 @@ def backward_pass(grad_a: Tensor | None, own: bool, x: Tensor, outs, zs, weights
 
     grad_a: dL/da[L] (m, n_L) or None; own: it is a temporary of ours, free to overwrite.
     outs, zs: a[1..L] and z[1..L] as forward_pass gives them (a[L] may be None when the output
-    layer's g' does not read it).
+    layer's g' does not read it). Both lists are consumed: each entry is dropped once used, so
+    the pass holds no activation longer than the recursion needs it.
     needs: (dL/dx wanted, then per parameter W1, b1, ... whether it is wanted).
     scratch: no graph is being built (no create_graph), so our own temporaries may be reused.
     extra_a / extra_z: per layer, gradient arriving from outside at a[i] / z[i], or None.
@@ -108,6 +109,7 @@ def backward_pass(grad_a: Tensor | None, own: bool, x: Tensor, outs, zs, weights
         if extra_z is not None and extra_z[i] is not None:
             delta = extra_z[i] if delta is None else delta + extra_z[i]
         grad_a = None
+        outs[i] = zs[i] = None  # a[i] and z[i] have served; a[i-1] is still needed below
         if delta is None:  # no gradient reached this layer
             continue
         if deltas is not None:
