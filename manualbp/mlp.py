@@ -122,15 +122,20 @@ class MLP(nn.Module):
         y = target.reshape(-1)
         outs, zs = forward_pass(x2, steps, weights, inplace=True)
         z_L = outs[-1]
+        dtype = z_L.dtype
+        if steps[-1].g is None:
+            outs[-1] = None  # identity output layer: backward never reads a[L]
         try:
             log_yhat, loss, count = softmax_ce_forward(
                 z_L if z_L.element_size() >= 4 else z_L.float(), y)
         except IndexError:
             explain_mlp_target("MLP.backprop", target, self.sizes[-1])
             raise
-        delta_L = softmax_ce_delta(torch.ones_like(loss), log_yhat, y, count)
-        if delta_L.dtype != z_L.dtype:
-            delta_L = delta_L.to(z_L.dtype)
+        del z_L  # a[L] and log yhat are done with once delta[L] exists: free them before the
+        delta_L = softmax_ce_delta(torch.ones_like(loss), log_yhat, y, count)  # recursion
+        del log_yhat
+        if delta_L.dtype != dtype:
+            delta_L = delta_L.to(dtype)
         needs = (False, *(p is not None and p.requires_grad for p in params))
         grads, _ = backward_pass(delta_L, True, x2, outs, zs, weights[0::2], steps, needs,
                                  scratch=True)
