@@ -61,8 +61,15 @@ def apply(fn: type[Function], *args):
     return twin_apply(*args)
 
 
+# One C call that says whether autocast is on for any device: the common answer (no) without
+# building t.device; a torch without it asks per device.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def autocast_dtype(t: Tensor) -> torch.dtype | None:
     """The dtype autocast runs a matmul in on t's device, or None if autocast is off there."""
+    if not _any_autocast():
+        return None
     device_type = t.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)

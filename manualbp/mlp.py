@@ -68,10 +68,12 @@ class MLP(nn.Module):
         target = check_mlp_target(x, target)
         try:
             logits, loss = self._run(x, target, trace)
-        except IndexError:  # the loss kernel refused a class index: say which, and why
-            explain_mlp_target("MLP.loss", target, self.sizes[-1])
-            raise
-        return loss, logits
+        except IndexError as error:  # the loss kernel refused a class index
+            refused = error
+        else:
+            return loss, logits
+        explain_mlp_target("MLP.loss", target, self.sizes[-1])  # say which, and why
+        raise refused
 
     def backprop(self, x: Tensor, target: Tensor, accumulate: bool = True) -> Tensor:
         """The slides' training pass with no autograd at all: forward, delta[L] = (yhat - y) / m,
@@ -128,9 +130,13 @@ class MLP(nn.Module):
         try:
             log_yhat, loss, count = softmax_ce_forward(
                 z_L if z_L.element_size() >= 4 else z_L.float(), y)
-        except IndexError:
+        except IndexError as error:
+            refused = error
+        else:
+            refused = None
+        if refused is not None:
             explain_mlp_target("MLP.backprop", target, self.sizes[-1])
-            raise
+            raise refused
         del z_L  # a[L] and log yhat are done with once delta[L] exists: free them before the
         delta_L = softmax_ce_delta(torch.ones_like(loss), log_yhat, y, count)  # recursion
         del log_yhat

@@ -43,8 +43,13 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        check_linear_args("Linear", input, self.weight, self.bias)
-        return _apply(input, self.weight, self.bias, self.activation)
+        W, b = self.weight, self.bias
+        try:
+            return _apply(input, W, b, self.activation)
+        except Exception as error:  # checked only once F.linear has refused the input
+            refused = error
+        check_linear_args("Linear", input, W, b)  # says plainly what is wrong with the input
+        raise refused  # the input was fine: the error is about something else
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"
