@@ -10,7 +10,6 @@ Every fused path runs these: MLPFunction and MLPEagerFunction (one autograd node
 MLP.backprop (no autograd at all). Rows are examples: a[0] = x is (m, n_0).
 """
 
-from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -33,16 +32,23 @@ class Step(NamedTuple):
     keeps_z: bool  # g' needs z, so the forward keeps it
 
 
-@lru_cache(maxsize=256)
+_PLANS: dict[tuple[str, ...], tuple[Step, ...]] = {}
+
+
 def plan(activations: tuple[str, ...]) -> tuple[Step, ...]:
-    """The per-layer Steps for a tuple of activation names (cached: models reuse theirs)."""
-    steps = []
-    for name in activations:
-        act = ACTIVATIONS[name]
-        identity = act.g_prime is None
-        steps.append(Step(name, None if identity else act.g, G_INPLACE.get(name),
-                          not identity and not act.from_output))
-    return tuple(steps)
+    """The per-layer Steps for a tuple of activation names (memoised: models reuse theirs; a
+    plain dict rather than functools.lru_cache, which torch.compile warns about)."""
+    steps = _PLANS.get(activations)
+    if steps is None:
+        steps = _PLANS[activations] = tuple(_step(name) for name in activations)
+    return steps
+
+
+def _step(name: str) -> Step:
+    act = ACTIVATIONS[name]
+    identity = act.g_prime is None
+    return Step(name, None if identity else act.g, G_INPLACE.get(name),
+                not identity and not act.from_output)
 
 
 def forward_pass(a: Tensor, steps, params, inplace: bool = False):

@@ -13,8 +13,6 @@ them. MLPEagerFunction is the lean one MLP uses in plain eager mode: it returns 
 saved x and weights so that second derivatives stay exact.
 """
 
-from functools import lru_cache
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -43,13 +41,23 @@ class Trace:
         self.delta: list[Tensor] = []
 
 
-@lru_cache(maxsize=256)
+_LAYOUTS: dict[tuple[str, ...], tuple] = {}
+
+
 def _layout(activations: tuple[str, ...]) -> tuple[tuple[int, int | None, int | None], ...]:
     """Per layer, where its a, its z and what its g' reads sit among the Function's outputs.
 
     Output 0 is a[L]; then per hidden layer a[i] and, when g' needs z, z[i]; the output layer
     adds its z last when its g' needs z. Returns (a_idx, z_idx, t_idx); None where absent.
+    Memoised in a plain dict (torch.compile warns about functools.lru_cache).
     """
+    layout = _LAYOUTS.get(activations)
+    if layout is None:
+        layout = _LAYOUTS[activations] = _build_layout(activations)
+    return layout
+
+
+def _build_layout(activations):
     layout, idx, L = [], 1, len(activations)
     for i, activation in enumerate(activations):
         act = ACTIVATIONS[activation]
