@@ -28,9 +28,10 @@ def test_quick_benchmark_runs_and_its_checks_hold(tmp_path):
     assert len(result["configs"]) == 4
     for config in result["configs"]:
         variants = config["variants"]
-        assert set(variants) >= {"autograd", "per_layer", "mlp"}
+        assert set(variants) >= {"autograd", "per_layer", "mlp", "backprop"}
         assert config["per_layer_source"] == "manualbp.convert"
-        for name in ("per_layer", "mlp"):
+        assert variants["backprop"]["saved"] == {"all": 0, "new": 0}  # no graph at all
+        for name in ("per_layer", "mlp", "backprop"):
             assert variants[name]["check"]["grad_rel_err"] <= 1e-5, (name, config["sizes"])
             assert variants[name]["check"]["loss_rel_err"] <= 1e-6, (name, config["sizes"])
             assert variants[name]["saved"]["new"] <= variants["autograd"]["saved"]["new"]
