@@ -129,17 +129,17 @@ def check_mse(input, target, reduction) -> None:
         )
 
 
-def check_mlp_target(x: Tensor, target: object) -> Tensor:
+def check_mlp_target(x: Tensor, target: object, where: str = "MLP.loss") -> Tensor:
     """Class indices for MLP.loss: integer, of shape x.shape[:-1] (values: explain_mlp_target)."""
     if not isinstance(target, Tensor) or target.is_floating_point():
         got = target.dtype if isinstance(target, Tensor) else type(target).__name__
         raise TypeError(
-            f"MLP.loss: expected integer class indices as target, got {got}; for class "
+            f"{where}: expected integer class indices as target, got {got}; for class "
             "probabilities use softmax_cross_entropy(mlp(x), target)"
         )
     if target.shape != x.shape[:-1]:
         raise ValueError(
-            f"MLP.loss: expected target of shape {tuple(x.shape[:-1])} for input "
+            f"{where}: expected target of shape {tuple(x.shape[:-1])} for input "
             f"{tuple(x.shape)}, got {tuple(target.shape)}"
         )
     return target

@@ -94,7 +94,7 @@ class MLP(nn.Module):
         Returns:
             the loss, detached.
         """
-        target = check_mlp_target(x, target)
+        target = check_mlp_target(x, target, "MLP.backprop")
         params, activations = self._flat()
         check_linear_args("MLP.backprop", x, params[0], params[1])
         dtype = autocast_dtype(x)
