@@ -150,13 +150,15 @@ class MLPFunction(Function):
         outs = [_rows(out[a_idx]) if i < L - 1 or ctx.save_last else None
                 for i, (a_idx, _, _) in enumerate(layout)]
         zs = [None if z_idx is None else _rows(out[z_idx]) for _, z_idx, _ in layout]
-        extra_a = [grad_out[a_idx] if i < L - 1 else None for i, (a_idx, _, _) in enumerate(layout)]
-        extra_z = [None if z_idx is None else grad_out[z_idx] for _, z_idx, _ in layout]
+        # gradient that reached a hidden a[i] or a z[i] directly, from whoever used them
+        extra_a = [_rows_or_none(grad_out[a_idx]) if i < L - 1 else None
+                   for i, (a_idx, _, _) in enumerate(layout)]
+        extra_z = [None if z_idx is None else _rows_or_none(grad_out[z_idx])
+                   for _, z_idx, _ in layout]
         deltas = [] if ctx.trace is not None else None
         grads, grad_x = backward_pass(
             grad_a, own, _rows(x), outs, zs, weights, plan(activations), (needs[0], *needs[4:]),
-            scratch, [_rows_or_none(e) for e in extra_a], [_rows_or_none(e) for e in extra_z],
-            deltas)
+            scratch, extra_a, extra_z, deltas)
         if ctx.trace is not None:
             ctx.trace.delta = [d.detach().reshape(*lead, -1) for d in reversed(deltas)]
         grad_x = grad_x.reshape(x.shape) if grad_x is not None and needs[0] else None

@@ -75,17 +75,28 @@ class LinearActFunction(Function):
                 delta = delta + grad_z
         if delta is None:
             return None, None, None, None
-        need_a_prev, need_W, need_b, _ = ctx.needs_input_grad
-        grad_a_prev = grad_W = grad_b = None
-        if need_a_prev:
-            grad_a_prev = delta.matmul(W)  # (*, n_in)
-        if need_W or need_b:
-            delta_2d = delta.reshape(-1, delta.shape[-1])  # every leading dim is an example
-            if need_W:
-                grad_W = delta_2d.t().mm(a_prev.reshape(-1, a_prev.shape[-1]))  # (n_out, n_in)
-            if need_b:
-                grad_b = delta_2d.sum(0)
-        return grad_a_prev, grad_W, grad_b, None
+        return (*layer_grads(delta, a_prev, W, ctx.needs_input_grad), None)
+
+
+def layer_grads(delta: Tensor, a_prev: Tensor | None, W: Tensor | None, needs):
+    """(grad_a_prev, grad_W, grad_b) from delta (*, n_out), each None where needs says so.
+
+    needs: (a_prev, W, b) wanted, as ctx.needs_input_grad starts. Every leading dim is an
+    example, so grad_W and grad_b sum over all of them.
+    """
+    need_a_prev, need_W, need_b = needs[:3]
+    grad_a_prev = grad_W = grad_b = None
+    flat = delta.dim() == 2
+    if need_a_prev:
+        grad_a_prev = delta.mm(W) if flat else delta.matmul(W)  # (*, n_in)
+    if need_W or need_b:
+        delta_2d = delta if flat else delta.reshape(-1, delta.shape[-1])
+        if need_W:
+            rows = a_prev if a_prev.dim() == 2 else a_prev.reshape(-1, a_prev.shape[-1])
+            grad_W = delta_2d.t().mm(rows)  # (n_out, n_in) = delta^T a_prev
+        if need_b:
+            grad_b = delta_2d.sum(0)
+    return grad_a_prev, grad_W, grad_b
 
 
 class LinearActEagerFunction(Function):
@@ -114,19 +125,7 @@ class LinearActEagerFunction(Function):
     def backward(ctx, grad_a):
         a_prev, W, a = ctx.saved_tensors
         delta = grad_a if a is None else delta_from(grad_a, a, ctx.activation)
-        need_a_prev, need_W, need_b, _ = ctx.needs_input_grad
-        grad_a_prev = grad_W = grad_b = None
-        flat = delta.dim() == 2
-        if need_a_prev:
-            grad_a_prev = delta.mm(W) if flat else delta.matmul(W)  # (*, n_in)
-        if need_W or need_b:
-            delta_2d = delta if flat else delta.reshape(-1, delta.shape[-1])
-            if need_W:
-                rows = a_prev if a_prev.dim() == 2 else a_prev.reshape(-1, a_prev.shape[-1])
-                grad_W = delta_2d.t().mm(rows)  # (n_out, n_in)
-            if need_b:
-                grad_b = delta_2d.sum(0)
-        return grad_a_prev, grad_W, grad_b, None
+        return (*layer_grads(delta, a_prev, W, ctx.needs_input_grad), None)
 
 
 _eager_apply = c_apply(LinearActEagerFunction)

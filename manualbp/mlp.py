@@ -99,21 +99,29 @@ class MLP(nn.Module):
         check_linear_args("MLP.backprop", x, params[0], params[1])
         dtype = autocast_dtype(x)
         with torch.no_grad():
-            if dtype is None:
-                grads, loss = self._backprop(x, target, params, activations, params)
-            else:
-                x, *weights = cast_all(dtype, x, *params)
-                with torch.autocast(x.device.type, enabled=False):
-                    grads, loss = self._backprop(x, target, weights, activations, params)
-            for p, g in zip(params, grads, strict=True):
-                if g is None:
-                    continue
-                if g.dtype != p.dtype:
-                    g = g.to(p.dtype)
-                if p.grad is None or not accumulate:
-                    p.grad = g
+            try:
+                if dtype is None:
+                    grads, loss = self._backprop(x, target, params, activations, params)
                 else:
-                    p.grad.add_(g)
+                    x, *weights = cast_all(dtype, x, *params)
+                    with torch.autocast(x.device.type, enabled=False):
+                        grads, loss = self._backprop(x, target, weights, activations, params)
+            except IndexError as error:  # the loss kernel refused a class index
+                refused = error
+            else:
+                refused = None
+        if refused is not None:
+            explain_mlp_target("MLP.backprop", target, self.sizes[-1])  # say which, and why
+            raise refused
+        for p, g in zip(params, grads, strict=True):  # .grad never requires grad: no graph
+            if g is None:
+                continue
+            if g.dtype != p.dtype:
+                g = g.to(p.dtype)
+            if p.grad is None or not accumulate:
+                p.grad = g
+            else:
+                p.grad.add_(g)
         return loss
 
     def _backprop(self, x: Tensor, target: Tensor, weights, activations, params):
@@ -127,16 +135,8 @@ class MLP(nn.Module):
         dtype = z_L.dtype
         if steps[-1].g is None:
             outs[-1] = None  # identity output layer: backward never reads a[L]
-        try:
-            log_yhat, loss, count = softmax_ce_forward(
-                z_L if z_L.element_size() >= 4 else z_L.float(), y)
-        except IndexError as error:
-            refused = error
-        else:
-            refused = None
-        if refused is not None:
-            explain_mlp_target("MLP.backprop", target, self.sizes[-1])
-            raise refused
+        log_yhat, loss, count = softmax_ce_forward(
+            z_L if z_L.element_size() >= 4 else z_L.float(), y)
         del z_L  # a[L] and log yhat are done with once delta[L] exists: free them before the
         delta_L = softmax_ce_delta(torch.ones_like(loss), log_yhat, y, count)  # recursion
         del log_yhat
