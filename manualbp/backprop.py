@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from manualbp.activations import ACTIVATIONS, G_INPLACE
-from manualbp.linear import delta_from
+from manualbp.linear import delta_from, layer_grads
 
 IGNORE_INDEX = -100  # as F.cross_entropy: a target equal to it contributes nothing
 _MEAN = 1  # aten's reduction code for "mean"
@@ -121,10 +121,9 @@ def backward_pass(grad_a: Tensor | None, own: bool, x: Tensor, outs, zs, weights
         if deltas is not None:
             deltas.append(delta)
         a_prev = outs[i - 1] if i > 0 else x
-        if needs[1 + 2 * i]:
-            grads[2 * i] = delta.t().mm(a_prev)  # grad_W = delta^T a_prev
-        if needs[2 + 2 * i]:
-            grads[2 * i + 1] = delta.sum(0)  # grad_b = sum(delta)
-        if i > 0 or needs[0]:
-            grad_a, own = delta.mm(weights[i]), scratch  # dL/da[i-1] = delta W
+        # the one per-layer step every path shares: grad_W = delta^T a_prev, grad_b = sum(delta),
+        # dL/da[i-1] = delta W
+        grad_a, grads[2 * i], grads[2 * i + 1] = layer_grads(
+            delta, a_prev, weights[i], (i > 0 or needs[0], needs[1 + 2 * i], needs[2 + 2 * i]))
+        own = scratch
     return grads, grad_a

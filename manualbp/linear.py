@@ -81,6 +81,9 @@ class LinearActFunction(Function):
 def layer_grads(delta: Tensor, a_prev: Tensor | None, W: Tensor | None, needs):
     """(grad_a_prev, grad_W, grad_b) from delta (*, n_out), each None where needs says so.
 
+    The one per-layer step of every path (the per-layer Functions and backprop.backward_pass):
+    options that change how the error goes down or read a per-example quantity off
+    (a_prev, delta) belong here, not in copies of it.
     needs: (a_prev, W, b) wanted, as ctx.needs_input_grad starts. Every leading dim is an
     example, so grad_W and grad_b sum over all of them.
     """
