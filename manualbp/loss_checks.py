@@ -12,9 +12,17 @@ def _check_common(where: str, input: object, target: object, reduction: object) 
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         got = type(input if not isinstance(input, Tensor) else target).__name__
         raise TypeError(f"{where}: expected input and target to be torch.Tensor, got {got}")
+    for name, t in (("input", input), ("target", target)):
+        if t.layout != torch.strided or t.is_nested:
+            kind = "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
+            raise TypeError(
+                f"{where}: expected a dense (strided) {name}, got a {kind} tensor; "
+                f"pass {name}.to_dense()"
+            )
     if not input.is_floating_point():
         raise TypeError(
             f"{where}: expected floating-point input (logits), got dtype {input.dtype}"
+            + ("; the hand-written derivatives are real-valued" if input.is_complex() else "")
         )
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{where}: expected reduction 'mean', 'sum' or 'none', got {reduction!r}")
@@ -37,7 +45,20 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
         raise ValueError(f"{where}: expected weight of shape (C,)=({C},), got {got}")
     if weight is not None and weight.requires_grad:
         raise ValueError(f"{where}: weight must not require grad; pass weight.detach()")
+    autocast = torch.is_autocast_enabled(input.device.type)  # then the loss casts weight itself
+    if weight is not None and weight.dtype != input.dtype and not autocast:
+        raise TypeError(
+            f"{where}: expected weight of the input's dtype {input.dtype}, got {weight.dtype}; "
+            f"pass weight.to({input.dtype})"
+        )
     probs = target.is_floating_point()
+    if not probs and target.dtype not in (torch.int64, torch.uint8):
+        raise TypeError(
+            f"{where}: expected class indices of dtype torch.int64 (or torch.uint8), got "
+            f"{target.dtype}; pass target.long()"
+        )
+    if target.dtype == torch.uint8:
+        target = target.long()  # torch takes Byte targets too; indexing needs int64
     if probs:
         if target.shape != input.shape:
             raise ValueError(

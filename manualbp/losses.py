@@ -60,13 +60,17 @@ class SoftmaxCrossEntropyFunction(Function):
         yhat = torch.exp(log_yhat)
         grad_z = grad_target = None
         if grad is not None:
-            t, denom = _target_rows(log_yhat, target, weight, ignore_index, label_smoothing,
-                                    has_ignored)
+            t, denom, valid = _target_rows(log_yhat, target, weight, ignore_index,
+                                           label_smoothing, has_ignored)
             scale = _scale(grad, reduction, denom)
             if t is None:  # plain one-hot
                 grad_z = yhat_minus_y(yhat, target) * scale
             else:
                 grad_z = (t.sum(1, keepdim=True) * yhat - t) * scale
+                if valid is not None and reduction == "mean":
+                    # An ignored row contributes nothing, even when every row is ignored and the
+                    # mean's denominator is 0 (torch's gradient is then 0, not 0 * inf = NaN).
+                    grad_z = torch.where(valid[:, None], grad_z, 0.0)
             if ctx.needs_input_grad[1]:  # probability targets: dL/dt = -(1-eps) w log yhat
                 w = 1.0 if weight is None else weight
                 grad_target = -(1 - label_smoothing) * w * log_yhat * scale
@@ -83,13 +87,14 @@ def yhat_minus_y(yhat: Tensor, y: Tensor) -> Tensor:
 
 
 def _target_rows(log_yhat, target, weight, ignore_index, label_smoothing, has_ignored):
-    """The target rows t (None for plain one-hot) and the 'mean' denominator, as torch does."""
+    """(target rows t or None for plain one-hot, the 'mean' denominator as torch's, the rows not
+    ignored or None when none can be)."""
     m, C = log_yhat.shape
     if target.is_floating_point():  # class probabilities
         t = target if label_smoothing == 0 else target * (1 - label_smoothing) + label_smoothing / C
-        return (t if weight is None else t * weight), m
+        return (t if weight is None else t * weight), m, None
     if weight is None and label_smoothing == 0 and not has_ignored:
-        return None, m
+        return None, m, None
     valid = target != ignore_index
     y = target.masked_fill(~valid, 0)
     w = torch.ones(C, dtype=log_yhat.dtype, device=log_yhat.device) if weight is None else weight
@@ -97,7 +102,7 @@ def _target_rows(log_yhat, target, weight, ignore_index, label_smoothing, has_ig
     t = torch.zeros_like(log_yhat).scatter(1, y[:, None], ((1 - label_smoothing) * w_y)[:, None])
     if label_smoothing:
         t = t + (label_smoothing / C) * w * valid[:, None]
-    return t, w_y.sum()
+    return t, w_y.sum(), valid
 
 
 def softmax_cross_entropy(
@@ -125,6 +130,8 @@ def softmax_cross_entropy(
     if z.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(z.device.type):
         z = z.float()  # autocast runs losses in float32, as it does for F.cross_entropy
         target = target.float() if target.is_floating_point() else target
+    if weight is not None and weight.dtype != z.dtype:  # only under autocast (checked above)
+        weight = weight.to(z.dtype)
     loss, _ = apply(SoftmaxCrossEntropyFunction, z, target, weight, ignore_index, reduction,
                     float(label_smoothing), has_ignored)
     return loss.reshape(shape) if reduction == "none" else loss

@@ -1,5 +1,7 @@
 """manualbp.MLP: a fully connected network trained by one hand-written backward pass."""
 
+import operator
+
 import torch
 from torch import Tensor, nn
 
@@ -182,14 +184,28 @@ class MLP(nn.Module):
 
 
 def _check_sizes(sizes) -> list[int]:
-    try:
-        sizes = [int(s) for s in sizes]
-        ok = len(sizes) >= 2 and all(s > 0 for s in sizes)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+    """sizes as a list of ints; refuse anything but two or more positive integers, naming it."""
+    example = "like [64, 128, 10]"
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+        raise ValueError(f"MLP: expected sizes to be a list of layer widths {example}, "
+                        f"got {sizes!r}")
+    sizes = list(sizes)
+    widths = []
+    for i, s in enumerate(sizes):
+        try:  # ints and int-like scalars (numpy, 0-dim integer tensors); never bool or float
+            width = operator.index(s) if not isinstance(s, bool) else None
+        except TypeError:
+            width = None
+        if width is None or width <= 0:
+            raise ValueError(
+                f"MLP: expected every width in sizes to be a positive integer, got sizes[{i}] = "
+                f"{s!r}" + (f" ({type(s).__name__})" if width is None else "")
+                + f" in {sizes!r}"
+            )
+        widths.append(width)
+    if len(widths) < 2:
         raise ValueError(
-            f"MLP: expected sizes to be at least two positive widths like [64, 128, 10], "
+            f"MLP: expected sizes to hold at least two widths (inputs, outputs) {example}, "
             f"got {sizes!r}"
         )
-    return sizes
+    return widths

@@ -234,10 +234,32 @@ def test_checkpoint_and_no_leak():
         gc.enable()
 
 
-@pytest.mark.parametrize("sizes", [[10], [], [4, 0, 2], [4, -3], "64,10", [4, "a"]])
-def test_invalid_sizes_are_refused(sizes):
-    with pytest.raises(ValueError, match="MLP: expected sizes to be at least two positive widths"):
+@pytest.mark.parametrize(("sizes", "match"), [
+    ([10], r"at least two widths .* got \[10\]"),
+    ([], r"at least two widths .* got \[\]"),
+    ([4, 0, 2], r"positive integer, got sizes\[1\] = 0 in"),
+    ([4, -3], r"positive integer, got sizes\[1\] = -3 in"),
+    ("64,10", r"a list of layer widths like \[64, 128, 10\], got '64,10'"),
+    ("64", r"a list of layer widths like \[64, 128, 10\], got '64'"),
+    ([4, "a"], r"positive integer, got sizes\[1\] = 'a' \(str\)"),
+    ([64.9, 10], r"positive integer, got sizes\[0\] = 64.9 \(float\)"),
+    ([64.0, 10], r"positive integer, got sizes\[0\] = 64.0 \(float\)"),
+    ([True, True], r"positive integer, got sizes\[0\] = True \(bool\)"),
+    ([float("inf"), 3], r"positive integer, got sizes\[0\] = inf \(float\)"),
+    ([float("nan"), 3], r"positive integer, got sizes\[0\] = nan \(float\)"),
+    ([3, None], r"positive integer, got sizes\[1\] = None \(NoneType\)"),
+    (64, r"a list of layer widths like \[64, 128, 10\], got 64"),
+])
+def test_invalid_sizes_are_refused(sizes, match):
+    with pytest.raises(ValueError, match="MLP: expected .*" + match):
         mb.MLP(sizes)
+
+
+def test_int_like_sizes_are_taken_as_ints():
+    import numpy as np
+
+    mlp = mb.MLP((np.int64(3), torch.tensor(4), 2))
+    assert mlp.sizes == [3, 4, 2] and all(type(s) is int for s in mlp.sizes)
 
 
 def test_mlp_input_errors_are_named():
