@@ -125,7 +125,9 @@ def convert(module, *, fuse=True, skip=(), report=False):
     for name, m in modules:
         if id(m) in skip_ids or isinstance(m, Linear):
             continue
-        if type(m) is nn.Linear:
+        if type(m) is nn.Linear and _why_weight_unsupported(m) is not None:
+            rep.skipped.append((name, _why_weight_unsupported(m)))
+        elif type(m) is nn.Linear:
             activation, seq, slot = fusions.get(id(m), ("identity", None, None))
             m.__class__ = Linear  # same object: Parameters, hooks, mode all stay
             m.activation = activation
@@ -173,7 +175,8 @@ def _plan_fusions(
         if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
         for (_, linear), (act_slot, act) in pairwise(seq._modules.items()):
-            if type(linear) is not nn.Linear or {id(linear), id(act)} & skip_ids:
+            if (type(linear) is not nn.Linear or {id(linear), id(act)} & skip_ids
+                    or _why_weight_unsupported(linear) is not None):
                 continue
             activation, why_not = _match_activation(act)
             if activation is None and why_not is None:
@@ -221,6 +224,19 @@ def _has_hooks(m: nn.Module, prefixes: tuple[str, ...]) -> bool:
         key.startswith(prefixes) and key.endswith("hooks") and isinstance(hooks, dict) and hooks
         for key, hooks in vars(m).items()
     )
+
+
+def _why_weight_unsupported(m: nn.Module) -> str | None:
+    """Why the hand-written backward cannot serve m's weight (complex, integer, sparse), or None."""
+    W = m.weight
+    if W.is_complex():
+        return (f"complex weight ({W.dtype}): the hand-written backward is real-valued (no "
+                "conjugates), so autograd keeps it")
+    if not W.is_floating_point():
+        return f"weight of dtype {W.dtype} is not floating point"
+    if W.layout != torch.strided:
+        return f"{str(W.layout).removeprefix('torch.')} weight: the backward forms dense gradients"
+    return None
 
 
 def _why_left_alone(linear: nn.Linear) -> str:

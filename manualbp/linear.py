@@ -139,6 +139,22 @@ def check_linear_args(where: str, a_prev: object, W: Tensor, b: Tensor | None) -
     if not isinstance(a_prev, Tensor):
         got = type(a_prev).__name__
         raise TypeError(f"{where}: expected input to be a torch.Tensor, got {got}")
+    check_real_weight(where, W)
+    if W.layout != torch.strided:
+        raise TypeError(
+            f"{where}: expected a dense (strided) weight, got a {_layout_name(W)} tensor; the "
+            "hand-written backward forms dense gradients: keep the weight dense"
+        )
+    if a_prev.is_nested:
+        raise TypeError(
+            f"{where}: expected a dense input of shape (*, in_features), got a nested tensor; "
+            "pad it (x.to_padded_tensor(0.0)) or run the layer on each component"
+        )
+    if a_prev.layout != torch.strided and a_prev.dim() != 2:
+        raise TypeError(
+            f"{where}: expected a {_layout_name(a_prev)} input to be 2-D (m, in_features), got "
+            f"{a_prev.dim()}-D; pass x.to_dense()"
+        )
     if a_prev.dim() == 0:
         raise ValueError(
             f"{where}: expected input of shape (*, in_features={W.shape[1]}), got a 0-dim tensor; "
@@ -147,7 +163,8 @@ def check_linear_args(where: str, a_prev: object, W: Tensor, b: Tensor | None) -
     if not a_prev.is_floating_point():
         raise TypeError(
             f"{where}: expected a floating-point input, got dtype {a_prev.dtype}; "
-            "convert it with x.float()"
+            + ("the hand-written backward is real-valued (no conjugates): keep nn.Linear for "
+               "complex layers" if a_prev.is_complex() else "convert it with x.float()")
         )
     if a_prev.shape[-1] != W.shape[1]:
         raise ValueError(
@@ -164,6 +181,23 @@ def check_linear_args(where: str, a_prev: object, W: Tensor, b: Tensor | None) -
         raise ValueError(
             f"{where}: expected bias of shape ({W.shape[0]},), got {tuple(b.shape)}"
         )
+
+
+def check_real_weight(where: str, W: Tensor) -> None:
+    """Refuse weights the hand-written backward would get wrong or cannot form (complex, integer).
+
+    F.linear accepts complex tensors, but their gradients need conjugates (a_prev^H, W^H) that
+    the delta rule here does not take: autograd's answer and ours would differ silently.
+    """
+    if not W.is_floating_point():
+        what = ("the hand-written backward is real-valued (no conjugates): keep nn.Linear for "
+                "complex layers" if W.is_complex() else "cast the module with .float()")
+        raise TypeError(f"{where}: expected a real floating-point weight, got dtype {W.dtype}; "
+                        + what)
+
+
+def _layout_name(t: Tensor) -> str:
+    return str(t.layout).removeprefix("torch.")
 
 
 def linear_act(

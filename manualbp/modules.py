@@ -1,5 +1,7 @@
 """manualbp.Linear: a drop-in for nn.Linear whose backward is written by hand."""
 
+import operator
+
 from torch import Tensor, nn
 
 from manualbp.activations import check_activation
@@ -40,10 +42,21 @@ class Linear(nn.Linear):
         dtype=None,
     ) -> None:
         self.activation = check_activation(activation, "Linear")
+        for name, n in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(n, bool) or not hasattr(n, "__index__") or operator.index(n) < 0:
+                raise ValueError(f"Linear: expected {name} to be a non-negative int, got {n!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(
+                f"Linear: expected a real floating-point dtype, got {dtype}; the hand-written "
+                "backward is real-valued: keep nn.Linear for complex layers"
+            )
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         W, b = self.weight, self.bias
+        if W.is_complex() or getattr(input, "is_nested", False):
+            # F.linear runs on these, and the backward would be wrong or fail deep: refuse here
+            check_linear_args("Linear", input, W, b)
         try:
             return _apply(input, W, b, self.activation)
         except Exception as error:  # checked only once F.linear has refused the input
