@@ -4,6 +4,7 @@ import operator
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from manualbp.activations import check_activation
 from manualbp.apply import apply, autocast_dtype, c_apply, cast_all, tracing
@@ -115,16 +116,31 @@ class MLP(nn.Module):
         if refused is not None:
             explain_mlp_target("MLP.backprop", target, self.sizes[-1])  # say which, and why
             raise refused
+        computed = []  # (weight computed by a parametrization, its gradient)
         for p, g in zip(params, grads, strict=True):  # .grad never requires grad: no graph
             if g is None:
                 continue
             if g.dtype != p.dtype:
                 g = g.to(p.dtype)
-            if p.grad is None or not accumulate:
-                p.grad = g
+            if p.grad_fn is not None:  # not a leaf: the gradient belongs to what p is made of
+                computed.append((p, g))
             else:
-                p.grad.add_(g)
+                _set_grad(p, g, accumulate)
+        if computed:
+            self._through_parametrizations(computed, accumulate)
         return loss
+
+    def _through_parametrizations(self, computed, accumulate: bool) -> None:
+        """Carry dL/dW on to the parameters a parametrization computes W from (weight_norm's g
+        and v, orthogonal's original, a user's own), by autograd through the parametrization
+        alone: the chain rule gives exactly what loss().backward() leaves in their .grad."""
+        leaves = [q for layer in self.layers if parametrize.is_parametrized(layer)
+                  for q in layer.parametrizations.parameters() if q.requires_grad]
+        tensors, grads = zip(*computed, strict=True)
+        leaf_grads = torch.autograd.grad(tensors, leaves, grads, allow_unused=True)
+        for q, g in zip(leaves, leaf_grads, strict=True):
+            if g is not None:
+                _set_grad(q, g, accumulate)
 
     def _backprop(self, x: Tensor, target: Tensor, weights, activations, params):
         """(grads W1, b1, ..., loss) by the shared pass, in weights' dtype; no grad mode, no
@@ -153,11 +169,15 @@ class MLP(nn.Module):
         """[W1, b1, ..., WL, bL] and the activation names, read from the layers each call."""
         params: list[Tensor | None] = []
         activations = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             own = layer._parameters  # direct: nn.Module.__getattr__ is the slow way in
             W = own.get("weight")
-            params += (layer.weight if W is None else W,  # None: a parametrization's property
-                       own["bias"] if "bias" in own else layer.bias)
+            if W is None:  # a parametrization's property (computed here, once per call)
+                W = layer.weight
+                _check_layer(i, layer, W)
+            elif layer._forward_pre_hooks or layer._forward_hooks:
+                _check_layer(i, layer, W)
+            params += (W, own["bias"] if "bias" in own else layer.bias)
             activations.append(layer.activation)
         return params, tuple(activations)
 
@@ -181,6 +201,32 @@ class MLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, activation={self.activation}"
+
+
+def _set_grad(p: Tensor, g: Tensor, accumulate: bool) -> None:
+    if p.grad is None or not accumulate:
+        p.grad = g
+    else:
+        p.grad.add_(g)
+
+
+def _check_layer(i: int, layer: nn.Module, W: Tensor) -> None:
+    """Refuse what the one-node pass would silently ignore: it reads the layers' weights and never
+    calls the layers, so their forward hooks (old-style torch.nn.utils.weight_norm and
+    spectral_norm are such hooks) never run; and a computed weight not made by a
+    parametrization, whose gradient has nowhere to go."""
+    if layer._forward_pre_hooks or layer._forward_hooks:
+        raise ValueError(
+            f"MLP: layers[{i}] has forward hooks (e.g. from torch.nn.utils.weight_norm or "
+            "spectral_norm), which MLP never runs: it reads the weights and runs one node for the "
+            "whole stack; use torch.nn.utils.parametrizations.weight_norm / spectral_norm, or "
+            "mb.convert an nn.Sequential of nn.Linear instead"
+        )
+    if W.grad_fn is not None and not parametrize.is_parametrized(layer):
+        raise ValueError(
+            f"MLP: layers[{i}].weight is a computed tensor, not a Parameter; register the "
+            "computation with torch.nn.utils.parametrize.register_parametrization"
+        )
 
 
 def _check_sizes(sizes) -> list[int]:
