@@ -16,6 +16,7 @@ hands each gradient back in its parameter's dtype.
 import torch
 from torch import Tensor
 from torch.autograd import Function
+from torch.autograd import forward_ad as _forward_ad
 
 _functorch_active = torch._C._are_functorch_transforms_active
 
@@ -46,13 +47,27 @@ def c_apply(twin: type[Function]):
 _TWINS: dict[type[Function], object] = {}
 
 
+_jit_tracing = torch._C._is_tracing
+
+
 def tracing() -> bool:
-    """True under torch.compile or a torch.func transform: no data-dependent Python there."""
-    return torch.compiler.is_compiling() or _functorch_active()
+    """True under torch.compile, a torch.func transform, torch.autograd.forward_ad or torch.jit
+    tracing: no data-dependent Python there, and only the general Functions (which carry jvp)."""
+    return (torch.compiler.is_compiling() or _functorch_active() or _jit_tracing()
+            or _forward_ad._current_level >= 0)
 
 
 def apply(fn: type[Function], *args):
-    """fn.apply(*args), through the eager twin when neither torch.func nor compile is tracing."""
+    """fn.apply(*args), through the eager twin when neither torch.func nor compile is tracing.
+
+    Under torch.jit tracing (torch.jit.trace, and torch.onnx.export(..., dynamo=False), which
+    traces) the forward's own torch ops are recorded instead: that exporter inlines a Python
+    Function's graph and loses track of which output is which (a Linear with gelu, silu or
+    softplus came out as its z, g dropped). A traced graph has no hand-written backward either
+    way; autograd differentiates the recorded ops, so its gradients stay right.
+    """
+    if _jit_tracing():
+        return fn.forward(*args)
     if tracing():
         return fn.apply(*args)
     twin_apply = _TWINS.get(fn)
