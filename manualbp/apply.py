@@ -47,6 +47,19 @@ def c_apply(twin: type[Function]):
 _TWINS: dict[type[Function], object] = {}
 
 
+def with_jvp(fn: type[Function]) -> type[Function]:
+    """Class decorator: fn.with_jvp is fn plus its hand-written forward mode (fn._jvp as jvp).
+
+    torch.compile refuses to trace a Function that defines jvp (a graph break, an error under
+    fullgraph=True), and cannot pick another class off fn inside a compiled region either, so fn
+    itself stays without one and apply() takes fn.with_jvp under torch.func transforms and
+    torch.autograd.forward_ad. Built at import time, once.
+    """
+    fn.with_jvp = type(fn.__name__, (fn,), {"jvp": staticmethod(fn._jvp), "__doc__": fn.__doc__,
+                                            "__module__": fn.__module__})
+    return fn
+
+
 _jit_tracing = torch._C._is_tracing
 
 
@@ -66,10 +79,12 @@ def apply(fn: type[Function], *args):
     softplus came out as its z, g dropped). A traced graph has no hand-written backward either
     way; autograd differentiates the recorded ops, so its gradients stay right.
     """
-    if _jit_tracing():
-        return fn.forward(*args)
     if tracing():
-        return fn.apply(*args)
+        if torch.compiler.is_compiling():
+            return fn.apply(*args)
+        if _jit_tracing():
+            return fn.forward(*args)
+        return fn.with_jvp.apply(*args)  # every Function here is @with_jvp
     twin_apply = _TWINS.get(fn)
     if twin_apply is None:
         twin_apply = _TWINS[fn] = c_apply(_eager_twin(fn))

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manualbp.activations import ACTIVATIONS
+from manualbp.apply import with_jvp
 from manualbp.backprop import (
     IGNORE_INDEX,
     backward_pass,
@@ -27,6 +28,7 @@ from manualbp.backprop import (
     softmax_ce_delta,
     softmax_ce_forward,
 )
+from manualbp.linear import linear_tangent
 
 
 class Trace:
@@ -77,6 +79,7 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
+@with_jvp
 class MLPFunction(Function):
     """a_L, *extras[, log_yhat, loss] = MLPFunction.apply(x, target, activations, trace, W1, b1,
     ..., WL, bL).
@@ -128,6 +131,38 @@ class MLPFunction(Function):
         if not ctx.needs_input_grad[0]:
             weights[0] = None  # W[1] only serves dL/dx; under autocast it is a real copy
         ctx.save_for_backward(x, target, *weights, *extras, *last, *log_yhat)
+        ctx.n_params = len(params)
+        ctx.save_for_forward(x, target, *params, *(output[:-1] if ctx.head else output))
+
+    @staticmethod
+    def _jvp(ctx, d_x, _target, _activations, _trace, *d_params):
+        """Forward mode through the same layers: dz[i] = da[i-1] W[i]^T + a[i-1] dW[i]^T + db[i],
+        da[i] = g'(z[i]) dz[i]; then, with a target, through log softmax and the mean NLL."""
+        x, target, *saved = ctx.saved_tensors
+        params, out = saved[:ctx.n_params], saved[ctx.n_params:]
+        layout, L = ctx.layout, len(ctx.activations)
+        tangents = [None] * len(out)
+        a_prev, da = _rows(x), None if d_x is None else _rows(d_x)
+        for i, (activation, (a_idx, z_idx, t_idx)) in enumerate(zip(ctx.activations, layout,
+                                                                     strict=True)):
+            dz = linear_tangent(a_prev, params[2 * i], da, d_params[2 * i], d_params[2 * i + 1])
+            g_prime = ACTIVATIONS[activation].g_prime
+            da = dz if g_prime is None else g_prime(_rows(out[t_idx])) * dz
+            if z_idx is not None:
+                tangents[z_idx] = dz.reshape(out[z_idx].shape)
+            tangents[a_idx] = da.reshape(out[a_idx].shape)
+            a_prev = _rows(out[a_idx]) if i < L - 1 else None
+        if not ctx.head:
+            return tuple(tangents)
+        log_yhat = out[-1]
+        dz_L = da.to(log_yhat.dtype)
+        d_log_yhat = dz_L - (torch.exp(log_yhat) * dz_L).sum(1, keepdim=True)
+        y = target.reshape(-1)
+        valid = y != IGNORE_INDEX
+        picked = d_log_yhat.gather(1, y.masked_fill(~valid, 0)[:, None])[:, 0]
+        d_loss = -(picked * valid).sum() / valid.sum()  # the mean over the rows not ignored
+        tangents[-1] = d_log_yhat
+        return (*tangents, d_loss)
 
     @staticmethod
     def backward(ctx, *grad_out):

@@ -16,7 +16,14 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manualbp.activations import ACTIVATIONS, G_INPLACE, check_activation
-from manualbp.apply import apply, autocast_dtype, c_apply, cast_all, tracing
+from manualbp.apply import (
+    apply,
+    autocast_dtype,
+    c_apply,
+    cast_all,
+    tracing,
+    with_jvp,
+)
 
 
 def delta_from(grad_a: Tensor, t: Tensor, activation: str, inplace: bool = False) -> Tensor:
@@ -32,6 +39,7 @@ def delta_from(grad_a: Tensor, t: Tensor, activation: str, inplace: bool = False
     return grad_a.mul_(act.g_prime(t)) if inplace else grad_a * act.g_prime(t)
 
 
+@with_jvp
 class LinearActFunction(Function):
     """z = a_prev W^T + b, a = g(z); backward is the delta rule above.
 
@@ -63,6 +71,18 @@ class LinearActFunction(Function):
         elif ACTIVATIONS[activation].g_prime is not None:
             saved.append(output)  # g' needs a
         ctx.save_for_backward(*saved)
+        ctx.keeps_z = isinstance(output, tuple)
+        ctx.save_for_forward(a_prev, W, saved[2] if len(saved) > 2 else None)
+
+    @staticmethod
+    def _jvp(ctx, d_a_prev, d_W, d_b, _):
+        """Forward mode, by hand like backward: dz = da_prev W^T + a_prev dW^T + db and
+        da = g'(z) dz, with g' read off a or z as in backward."""
+        a_prev, W, t = ctx.saved_tensors
+        dz = linear_tangent(a_prev, W, d_a_prev, d_W, d_b)
+        act = ACTIVATIONS[ctx.activation]
+        da = dz if act.g_prime is None else act.g_prime(t) * dz
+        return (da, dz) if ctx.keeps_z else da
 
     @staticmethod
     def backward(ctx, grad_a: Tensor | None, grad_z: Tensor | None = None):
@@ -76,6 +96,20 @@ class LinearActFunction(Function):
         if delta is None:
             return None, None, None, None
         return (*layer_grads(delta, a_prev, W, ctx.needs_input_grad), None)
+
+
+def linear_tangent(a_prev: Tensor, W: Tensor, d_a_prev: Tensor | None, d_W: Tensor | None,
+                   d_b: Tensor | None) -> Tensor:
+    """dz for z = a_prev W^T + b: da_prev W^T + a_prev dW^T + db (absent tangents are 0)."""
+    dz = None
+    if d_a_prev is not None:
+        dz = d_a_prev.matmul(W.t())
+    if d_W is not None:
+        term = a_prev.matmul(d_W.t())
+        dz = term if dz is None else dz + term
+    if dz is None:
+        dz = a_prev.new_zeros(*a_prev.shape[:-1], W.shape[0])
+    return dz if d_b is None else dz + d_b
 
 
 def layer_grads(delta: Tensor, a_prev: Tensor | None, W: Tensor | None, needs):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from manualbp.apply import apply
+from manualbp.apply import apply, with_jvp
 from manualbp.loss_checks import check_bce, check_cross_entropy, check_mse
 
 
@@ -23,6 +23,14 @@ def _scale(grad: Tensor, reduction: str, denom) -> Tensor:
     return grad / denom if reduction == "mean" else grad
 
 
+def _reduce(d: Tensor, reduction: str) -> Tensor:
+    """An elementwise loss tangent reduced as the loss was."""
+    if reduction == "none":
+        return d
+    return d.mean() if reduction == "mean" else d.sum()
+
+
+@with_jvp
 class SoftmaxCrossEntropyFunction(Function):
     """L = -sum_c t_c log softmax(z)_c per row; delta_L = (sum_c t_c) softmax(z) - t.
 
@@ -52,6 +60,31 @@ class SoftmaxCrossEntropyFunction(Function):
         ctx.options = options
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(target, weight, output[1])
+        ctx.save_for_forward(target, weight, output[1])
+
+    @staticmethod
+    def _jvp(ctx, dz, d_target, *_):
+        """Forward mode: each row's dL = delta_row . dz, delta_row = (sum_c t_c) yhat - t as in
+        backward (plus dL/dt . dt for probability targets), reduced like the loss."""
+        target, weight, log_yhat = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing, has_ignored = ctx.options
+        yhat = torch.exp(log_yhat)
+        if dz is None:
+            dz = torch.zeros_like(log_yhat)
+        t, denom, valid = _target_rows(log_yhat, target, weight, ignore_index, label_smoothing,
+                                       has_ignored)
+        delta = yhat_minus_y(yhat, target) if t is None else t.sum(1, keepdim=True) * yhat - t
+        d_rows = (delta * dz).sum(1)  # (m,)
+        if d_target is not None:  # probability targets
+            w = 1.0 if weight is None else weight
+            d_rows = d_rows - ((1 - label_smoothing) * w * log_yhat * d_target).sum(1)
+        if valid is not None:
+            d_rows = torch.where(valid, d_rows, 0.0)
+        d_loss = d_rows if reduction == "none" else d_rows.sum()
+        if reduction == "mean":
+            d_loss = d_loss / denom
+        d_log_yhat = dz - (yhat * dz).sum(1, keepdim=True)
+        return d_loss, d_log_yhat
 
     @staticmethod
     def backward(ctx, grad, grad_log_yhat):
@@ -137,6 +170,7 @@ def softmax_cross_entropy(
     return loss.reshape(shape) if reduction == "none" else loss
 
 
+@with_jvp
 class SigmoidBCEFunction(Function):
     """L = -w [p y log sigma(z) + (1 - y) log(1 - sigma(z))].
 
@@ -158,6 +192,25 @@ class SigmoidBCEFunction(Function):
         z, y, weight, pos_weight, reduction = inputs
         ctx.reduction = reduction
         ctx.save_for_backward(z, y, weight, pos_weight)
+        ctx.save_for_forward(z, y, weight, pos_weight)
+
+    @staticmethod
+    def _jvp(ctx, dz, dy, *_):
+        """Forward mode: dL = w (delta_L dz + dL/dy dy) per element, reduced like the loss."""
+        z, y, weight, pos_weight = ctx.saved_tensors
+        d = torch.zeros_like(z)
+        if dz is not None:
+            yhat = torch.sigmoid(z)
+            if pos_weight is None:
+                d = (yhat - y) * dz
+            else:
+                d = ((1 + (pos_weight - 1) * y) * yhat - pos_weight * y) * dz
+        if dy is not None:
+            p = 1.0 if pos_weight is None else pos_weight
+            d = d + (p * F.softplus(-z) - F.softplus(z)) * dy
+        if weight is not None:
+            d = d * weight
+        return _reduce(d, ctx.reduction)
 
     @staticmethod
     def backward(ctx, grad):
@@ -199,6 +252,7 @@ def sigmoid_binary_cross_entropy(
     return apply(SigmoidBCEFunction, input, target, weight, pos_weight, reduction)
 
 
+@with_jvp
 class MSEFunction(Function):
     """L = (yhat - y)^2 with an identity output; delta_L = 2 (yhat - y), over m for 'mean'."""
 
@@ -213,6 +267,16 @@ class MSEFunction(Function):
         yhat, y, reduction = inputs
         ctx.reduction = reduction
         ctx.save_for_backward(yhat, y)
+        ctx.save_for_forward(yhat, y)
+
+    @staticmethod
+    def _jvp(ctx, d_yhat, d_y, _):
+        """Forward mode: dL = 2 (yhat - y) (dyhat - dy) per element, reduced like the loss."""
+        yhat, y = ctx.saved_tensors
+        d = torch.zeros_like(yhat) if d_yhat is None else d_yhat
+        if d_y is not None:
+            d = d - d_y
+        return _reduce(2 * (yhat - y) * d, ctx.reduction)
 
     @staticmethod
     def backward(ctx, grad):
