@@ -14,6 +14,7 @@ from manualbp.losses import (
 )
 from manualbp.mlp import MLP
 from manualbp.modules import BCEWithLogitsLoss, CrossEntropyLoss, Linear, MSELoss
+from manualbp.unconvert import unconvert
 
 __all__ = [
     "ACTIVATIONS",
@@ -37,4 +38,5 @@ __all__ = [
     "mse_loss",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",
+    "unconvert",
 ]

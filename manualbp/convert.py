@@ -23,11 +23,18 @@ import torch
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from manualbp.conv1d import (
+    convert_conv1d,
+    is_conv1d,
+    is_converted_conv1d,
+    why_conv1d_misfits,
+)
 from manualbp.modules import Linear
 
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=nn.Module)
+UNFUSED = "manualbp_unfused"  # on the nn.Identity in a fused activation's slot: that activation
 
 # Activation modules a Linear can absorb: (type, manualbp name, the settings that name assumes).
 # Exact types only: a subclass may compute something else.
@@ -135,9 +142,20 @@ def convert(module, *, fuse=True, skip=(), report=False):
             if seq is not None:
                 identity = nn.Identity()
                 identity.train(seq._modules[slot].training)
+                # kept, unregistered (state_dict and named_modules unchanged), for mb.unconvert
+                object.__setattr__(identity, UNFUSED, seq._modules[slot])
                 seq._modules[slot] = identity
         elif isinstance(m, nn.Linear):
             rep.skipped.append((name, _why_left_alone(m)))
+        elif is_conv1d(m):
+            why = _why_weight_unsupported(m) or _why_parametrized(m)
+            if why is None:
+                convert_conv1d(m)
+                rep.converted.append(name)
+            else:
+                rep.skipped.append((name, why))
+        elif _looks_linear(m) and not is_converted_conv1d(m):
+            rep.skipped.append((name, _why_other_linear(m)))
     logger.info("%s", rep)
     return (module, rep) if report else module
 
@@ -237,6 +255,29 @@ def _why_weight_unsupported(m: nn.Module) -> str | None:
     if W.layout != torch.strided:
         return f"{str(W.layout).removeprefix('torch.')} weight: the backward forms dense gradients"
     return None
+
+
+def _why_parametrized(m: nn.Module) -> str | None:
+    if hasattr(m, "parametrizations"):
+        return f"{type(m).__name__} is parametrized; its weight is computed by parametrize"
+    return None
+
+
+def _looks_linear(m: nn.Module) -> bool:
+    """A module that is not converted but that a user would call a linear layer."""
+    kind = type(m).__name__
+    return (any(word in kind for word in ("Linear", "Conv1D", "Dense"))
+            and not kind.endswith("PackedParams") and not isinstance(m, Linear))
+
+
+def _why_other_linear(m: nn.Module) -> str:
+    kind = type(m).__name__
+    if kind == "Conv1D":
+        return why_conv1d_misfits(m)
+    if type(m).__module__.startswith("torch.ao.") or "quantized" in type(m).__module__:
+        return f"{kind} is a quantized layer (packed weights, no backward to replace)"
+    return (f"{kind} ({type(m).__module__}) is not an nn.Linear nor a Conv1D: its forward is its "
+            "own, left to autograd")
 
 
 def _why_left_alone(linear: nn.Linear) -> str:
