@@ -215,6 +215,11 @@ def check_linear_args(where: str, a_prev: object, W: Tensor, b: Tensor | None) -
         raise ValueError(
             f"{where}: expected bias of shape ({W.shape[0]},), got {tuple(b.shape)}"
         )
+    if b is not None and b.dtype != W.dtype and autocast_dtype(a_prev) is None:
+        raise TypeError(
+            f"{where}: expected bias dtype to match the weight's {W.dtype}, got {b.dtype}; "
+            "cast the module with .to(dtype)"
+        )
 
 
 def check_real_weight(where: str, W: Tensor) -> None:

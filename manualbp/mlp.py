@@ -16,7 +16,7 @@ from manualbp.backprop import (
     softmax_ce_forward,
 )
 from manualbp.fused import MLPEagerFunction, MLPFunction, Trace
-from manualbp.linear import check_linear_args
+from manualbp.linear import check_linear_args, check_real_weight
 from manualbp.loss_checks import check_mlp_target, explain_mlp_target
 from manualbp.modules import Linear
 
@@ -111,6 +111,9 @@ class MLP(nn.Module):
                         grads, loss = self._backprop(x, target, weights, activations, params)
             except IndexError as error:  # the loss kernel refused a class index
                 refused = error
+            except RuntimeError as error:  # a layer's kernel refused: say which layer
+                check_layers("MLP.backprop", params)
+                raise error from None
             else:
                 refused = None
         if refused is not None:
@@ -182,10 +185,19 @@ class MLP(nn.Module):
         return params, tuple(activations)
 
     def _run(self, x: Tensor, target: Tensor | None, trace: Trace | None):
-        """(logits, loss or None) through the lean eager Function or, under torch.func,
-        torch.compile, autocast or a Trace, through MLPFunction."""
+        """(logits, loss or None); on a kernel's refusal, say which layer is at fault."""
         params, activations = self._flat()
         check_linear_args("MLP", x, params[0], params[1])
+        try:
+            return self._run_checked(x, target, trace, params, activations)
+        except RuntimeError as error:  # checked only once a kernel has refused
+            refused = error
+        check_layers("MLP", params)
+        raise refused
+
+    def _run_checked(self, x, target, trace, params, activations):
+        """(logits, loss or None) through the lean eager Function or, under torch.func,
+        torch.compile, autocast or a Trace, through MLPFunction."""
         dtype = autocast_dtype(x)
         if dtype is None and trace is None and x.dtype in _EAGER_DTYPES and not tracing():
             out = _eager_apply(x, target, activations, *params)
@@ -201,6 +213,22 @@ class MLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, activation={self.activation}"
+
+
+def check_layers(where: str, params: list[Tensor | None]) -> None:
+    """Raise naming the first layer whose weight or bias the pass cannot run with layer 1's."""
+    dtype = params[0].dtype
+    for i in range(len(params) // 2):
+        for name, t in (("weight", params[2 * i]), ("bias", params[2 * i + 1])):
+            if t is None:
+                continue
+            check_real_weight(f"{where}: layers[{i}].{name}", t)
+            if t.dtype != dtype:
+                raise TypeError(
+                    f"{where}: expected every layer's weight and bias in one dtype, got "
+                    f"layers[{i}].{name} in {t.dtype}, layers[0].weight in {dtype}; cast the "
+                    "network with mlp.to(dtype)"
+                )
 
 
 def _set_grad(p: Tensor, g: Tensor, accumulate: bool) -> None:

@@ -59,10 +59,35 @@ def _complex_linear():
      r"Linear: expected a dense \(strided\) weight, got a sparse_coo tensor"),
     (lambda: mb.Linear(3, 2)(torch.quantize_per_tensor(torch.randn(4, 3), 0.1, 0, torch.qint8)),
      TypeError, r"Linear: expected a floating-point input, got dtype torch.qint8"),
+    (lambda: _mlp_with(1, "weight", D)(torch.randn(2, 3)), TypeError,
+     r"MLP: expected every layer's weight and bias in one dtype, got layers\[1\].weight in "
+     r"torch.float64, layers\[0\].weight in torch.float32; cast the network with mlp.to"),
+    (lambda: _mlp_with(1, "weight", torch.complex64)(torch.randn(2, 3)), TypeError,
+     r"MLP: layers\[1\].weight: expected a real floating-point weight, got dtype "
+     r"torch.complex64"),
+    (lambda: _mlp_with(1, "bias", D).backprop(torch.randn(2, 3), torch.tensor([0, 1])),
+     TypeError, r"MLP.backprop: expected every layer's weight and bias in one dtype, got "
+                r"layers\[1\].bias in torch.float64"),
+    (lambda: _mlp_with(0, "bias", D)(torch.randn(2, 3)), TypeError,
+     r"MLP: expected bias dtype to match the weight's torch.float32, got torch.float64"),
+    (lambda: _linear_with_bias(D)(torch.randn(2, 3)), TypeError,
+     r"Linear: expected bias dtype to match the weight's torch.float32, got torch.float64"),
 ])
 def test_unsupported_dtypes_and_layouts_are_refused(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def _mlp_with(i, name, dtype):
+    mlp = mb.MLP([3, 4, 2])
+    setattr(mlp.layers[i], name, nn.Parameter(getattr(mlp.layers[i], name).detach().to(dtype)))
+    return mlp
+
+
+def _linear_with_bias(dtype):
+    lin = mb.Linear(3, 2)
+    lin.bias = nn.Parameter(lin.bias.detach().to(dtype))
+    return lin
 
 
 def _sparse_weight_linear():

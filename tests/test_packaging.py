@@ -3,8 +3,9 @@
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ["lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics", "tensorboard",
