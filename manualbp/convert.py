@@ -58,7 +58,7 @@ class ConversionReport:
     Attributes:
         converted: nn.Linear layers that are now manualbp.Linear (fused ones included).
         fused: (linear, activation) pairs; the activation's slot now holds nn.Identity.
-        skipped: (name, reason) for Linear subclasses left alone, names listed in skip, and
+        skipped: (name, reason) for linear-like modules left alone, names listed in skip, and
             activations next to a Linear that were not fused.
     """
 
@@ -88,13 +88,22 @@ def convert(
 def convert(module, *, fuse=True, skip=(), report=False):
     """Swap every plain nn.Linear in module for manualbp.Linear, in place; fuse g where safe.
 
-    Always in place (to keep the original, pass copy.deepcopy(module)). The report is logged
-    at INFO on the "manualbp.convert" logger and returned when report=True.
+    Always in place (to keep the original, pass copy.deepcopy(module)); mb.unconvert undoes it.
+    The report is logged at INFO on the "manualbp.convert" logger and returned when report=True.
+    Hugging Face's Conv1D (weight stored (in, out); found by name and layout, see
+    manualbp.conv1d) is converted too, to a manualbp subclass of its own class.
+
+    The contract of a fused Linear: it is the pair Linear + g from then on. Called directly or
+    through a slice of its Sequential it returns g(z), and hooks registered on it afterwards see
+    g(z) and dL/dg(z). fuse=False keeps every Linear returning z.
 
     Left alone, each reported in report.skipped with the reason:
       * Linear subclasses, e.g. nn.MultiheadAttention's out_proj, whose weight
         F.multi_head_attention_forward reads directly (its forward never runs), LazyLinear
         before its first forward, parametrized Linears;
+      * Linears with complex, integer or sparse weights (the backward is real and dense), and
+        any other linear-like module (quantized layers, other Linear-, Dense- or Conv1D-named
+        modules that do not have Conv1D's layout);
       * whatever skip names, with everything below it, by whichever name it is reached;
       * fusion of activation modules whose settings differ from manualbp's g (e.g.
         LeakyReLU(0.2)), of a Linear reachable by more than one name (g would reach its other
