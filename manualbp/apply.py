@@ -47,6 +47,13 @@ def c_apply(twin: type[Function]):
 _TWINS: dict[type[Function], object] = {}
 
 
+def forward_mode() -> bool:
+    """Whether a jvp may follow this forward (a torch.func transform or forward_ad is on): only
+    then does setup_context keep tensors for it (under autocast they are real copies)."""
+    return not torch.compiler.is_compiling() and (
+        _functorch_active() or _forward_ad._current_level >= 0)
+
+
 def with_jvp(fn: type[Function]) -> type[Function]:
     """Class decorator: fn.with_jvp is fn plus its hand-written forward mode (fn._jvp as jvp).
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manualbp.activations import ACTIVATIONS
-from manualbp.apply import with_jvp
+from manualbp.apply import forward_mode, with_jvp
 from manualbp.backprop import (
     IGNORE_INDEX,
     backward_pass,
@@ -132,7 +132,8 @@ class MLPFunction(Function):
             weights[0] = None  # W[1] only serves dL/dx; under autocast it is a real copy
         ctx.save_for_backward(x, target, *weights, *extras, *last, *log_yhat)
         ctx.n_params = len(params)
-        ctx.save_for_forward(x, target, *params, *(output[:-1] if ctx.head else output))
+        if forward_mode():
+            ctx.save_for_forward(x, target, *params, *(output[:-1] if ctx.head else output))
 
     @staticmethod
     def _jvp(ctx, d_x, _target, _activations, _trace, *d_params):

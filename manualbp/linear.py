@@ -21,6 +21,7 @@ from manualbp.apply import (
     autocast_dtype,
     c_apply,
     cast_all,
+    forward_mode,
     tracing,
     with_jvp,
 )
@@ -72,7 +73,8 @@ class LinearActFunction(Function):
             saved.append(output)  # g' needs a
         ctx.save_for_backward(*saved)
         ctx.keeps_z = isinstance(output, tuple)
-        ctx.save_for_forward(a_prev, W, saved[2] if len(saved) > 2 else None)
+        if forward_mode():
+            ctx.save_for_forward(a_prev, W, saved[2] if len(saved) > 2 else None)
 
     @staticmethod
     def _jvp(ctx, d_a_prev, d_W, d_b, _):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from manualbp.apply import apply, with_jvp
+from manualbp.apply import apply, forward_mode, with_jvp
 from manualbp.loss_checks import check_bce, check_cross_entropy, check_mse
 
 
@@ -60,7 +60,8 @@ class SoftmaxCrossEntropyFunction(Function):
         ctx.options = options
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(target, weight, output[1])
-        ctx.save_for_forward(target, weight, output[1])
+        if forward_mode():
+            ctx.save_for_forward(target, weight, output[1])
 
     @staticmethod
     def _jvp(ctx, dz, d_target, *_):
@@ -192,7 +193,8 @@ class SigmoidBCEFunction(Function):
         z, y, weight, pos_weight, reduction = inputs
         ctx.reduction = reduction
         ctx.save_for_backward(z, y, weight, pos_weight)
-        ctx.save_for_forward(z, y, weight, pos_weight)
+        if forward_mode():
+            ctx.save_for_forward(z, y, weight, pos_weight)
 
     @staticmethod
     def _jvp(ctx, dz, dy, *_):
@@ -267,7 +269,8 @@ class MSEFunction(Function):
         yhat, y, reduction = inputs
         ctx.reduction = reduction
         ctx.save_for_backward(yhat, y)
-        ctx.save_for_forward(yhat, y)
+        if forward_mode():
+            ctx.save_for_forward(yhat, y)
 
     @staticmethod
     def _jvp(ctx, d_yhat, d_y, _):
