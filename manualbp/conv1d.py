@@ -32,6 +32,18 @@ class _ManualConv1D:
         nx, nf = self.weight.shape
         return f"nf={nf}, nx={nx}, manualbp backward"
 
+    def __reduce_ex__(self, protocol):
+        # The subclass is made at run time, so pickle (torch.save of a whole model) could not
+        # find it by name: store the original class, convert again on load.
+        return _rebuild, (self.manualbp_original, self.__dict__)
+
+
+def _rebuild(cls: type, state: dict) -> nn.Module:
+    m = cls.__new__(cls)
+    m.__dict__.update(state)
+    convert_conv1d(m)
+    return m
+
 
 def is_conv1d(m: nn.Module) -> bool:
     """Whether m looks like transformers' Conv1D: named so, weight (nx, nf), bias (nf,) or

@@ -166,6 +166,18 @@ def test_real_models_match_and_train_alongside(kind, one_thread):
     _train_side_by_side(model, twin, make_x)
 
 
+def test_converted_conv1d_pickles_and_deep_copies(tmp_path):
+    torch.manual_seed(0)
+    model = mb.convert(TinyGPT2().double().eval())
+    ids = torch.randint(0, 13, (2, 6))
+    torch.save(model, tmp_path / "m.pt")
+    for twin in (torch.load(tmp_path / "m.pt", weights_only=False), copy.deepcopy(model)):
+        assert_close(twin(ids), model(ids))
+        conv = twin.h[0].attn.c_attn
+        assert isinstance(conv, Conv1D) and type(conv) is type(model.h[0].attn.c_attn)
+        assert twin.lm_head.weight is twin.wte.weight
+
+
 def test_conv1d_state_dict_and_report_of_misfits():
     torch.manual_seed(0)
     model = nn.Sequential(Conv1D(4, 3), nn.ReLU())
