@@ -8,7 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from manualbp.lit import train, user_message
+from manualbp.lit import CheckpointError, train, user_message
 
 TINY = ["callbacks=minimal", "trainer.num_sanity_val_steps=0"]
 SKLEARN_AND_2D = ["digits", "iris", "wine", "breast_cancer", "xor", "moons", "circles", "spirals"]
@@ -148,7 +148,7 @@ def test_test_only_evaluates_the_given_checkpoint(compose_train, tmp_path):
 
 
 def test_a_missing_checkpoint_is_refused_before_training(compose_train, tmp_path):
-    with pytest.raises(FileNotFoundError, match="ckpt_path: expected an existing checkpoint"):
+    with pytest.raises(CheckpointError, match=r"nope.ckpt: expected an existing .ckpt file"):
         train(compose_train(f"ckpt_path={tmp_path / 'nope.ckpt'}"))
 
 
