@@ -6,6 +6,7 @@ Lightning has) and manualbp.lit.load.
 """
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -37,10 +38,13 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     try:
         checkpoint = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found is None:
+            raise CheckpointError(f"checkpoint {file}: the file is truncated or corrupt (not a "
+                                  "torch checkpoint); use another checkpoint") from None
         raise CheckpointError(
-            f"checkpoint {file}: torch.load(weights_only=True) refused it ({first}); it holds "
-            "objects other than tensors and plain data, so it was not written by this harness"
+            f"checkpoint {file}: torch.load(weights_only=True) refused it (it holds a "
+            f"{found.group(1)} object); a harness checkpoint holds only tensors and plain data"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         reason = " ".join(str(err).split())[:200] or type(err).__name__

@@ -3,7 +3,8 @@
 LitMLP saves the run's data and model config (resolved, plain data) in every checkpoint. A run
 given ckpt_path takes both from the checkpoint, so `train=false ckpt_path=<file>` tests the
 network as it was trained and a resume needs nothing but the file; an explicit command-line
-override that disagrees with the checkpoint is refused, naming both values.
+override that disagrees with the checkpoint is refused, naming both values (a group choice
+such as data=xor must name the checkpoint's data set; its other keys stay the checkpoint's).
 """
 
 import logging
@@ -61,9 +62,10 @@ def config_from_checkpoint(cfg: DictConfig, checkpoint: dict, path, overrides) -
         return cfg
     current = OmegaConf.to_container(cfg, resolve=True)
     for key in explicit:
-        if key in ("experiment", "data", "model"):  # a preset: every key it touches
+        if key in ("experiment", "data", "model"):  # a preset: it must name the same thing
             for group in ("data", "model") if key == "experiment" else (key,):
-                _refuse_difference(group, stored[group], current[group], path)
+                _refuse_difference(f"{group}._target_", stored[group].get("_target_"),
+                                   current[group].get("_target_"), path)
         elif key.startswith(("data.", "model.")) and not _is_free(key):
             group, _, rest = key.partition(".")
             _refuse_difference(key, _select(stored[group], rest), _select(current[group], rest),
