@@ -163,21 +163,22 @@ class LitMLP(L.LightningModule):
     def _apply_configured_lr(self) -> None:
         """After a resume with another model.optimizer.lr, train at that rate.
 
-        The restored optimizer state carries the old rate (and a scheduler its old base
-        rates); scale both by new / old so a schedule keeps its shape at the new level.
+        The restored optimizer state carries the old rate. Without a scheduler the new rate
+        replaces it; with one, the rates (and the scheduler's base rates) are scaled by
+        new / old: the rate a run started at the new rate would have at this epoch.
         """
         old, new = self._restored_lr, self._configured_lr
         if old is None or new is None or old == new or not self.trainer.optimizers:
             return
-        scale = new / old
+        scheduled = bool(self.trainer.lr_scheduler_configs)
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] *= scale
+                group["lr"] = group["lr"] * new / old if scheduled else new
                 if "initial_lr" in group:
-                    group["initial_lr"] *= scale
+                    group["initial_lr"] = group["initial_lr"] * new / old
         for config in self.trainer.lr_scheduler_configs:
             if hasattr(config.scheduler, "base_lrs"):
-                config.scheduler.base_lrs = [lr * scale for lr in config.scheduler.base_lrs]
+                config.scheduler.base_lrs = [lr * new / old for lr in config.scheduler.base_lrs]
         if self.trainer.is_global_zero:
             log.info("model.optimizer.lr is %g, the checkpoint's run used %g: the restored "
                      "optimizer now trains at the new rate", new, old)
