@@ -28,7 +28,7 @@ def run_name(override_dirname: str) -> str:
     """'_' + the overrides as a folder-safe name ('' without any): runs say what differs."""
     if not override_dirname:
         return ""
-    return "_" + re.sub(r"[^\w.=,+-]", "_", override_dirname)[:100]
+    return "_" + re.sub(r"[^\w.=,+-]", "_", override_dirname)[:150]
 
 
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)

@@ -51,22 +51,24 @@ class ResumableLoader(DataLoader):
     """The training loader: its state (the epoch) travels in Lightning checkpoints, and a resume
     in the middle of an epoch goes on with that epoch's remaining rows, in their order."""
 
-    def __init__(self, dataset, datamodule, **kwargs) -> None:
-        self.sampler_ = EpochSampler(len(dataset), torch.initial_seed() % 2**31)
-        super().__init__(dataset, sampler=self.sampler_, **kwargs)
+    def __init__(self, dataset, datamodule=None, sampler=None, **kwargs) -> None:
+        # Lightning builds the loader again with its DistributedSampler under DDP.
+        if sampler is None:
+            sampler = EpochSampler(len(dataset), torch.initial_seed() % 2**31)
+        super().__init__(dataset, sampler=sampler, **kwargs)
         self.datamodule = datamodule
 
     def state_dict(self) -> dict:
-        return {"epoch": self.sampler_.epoch}
+        return {"epoch": getattr(self.sampler, "epoch", 0)}
 
     def load_state_dict(self, state: dict) -> None:
         trainer = getattr(self.datamodule, "trainer", None)
-        if trainer is None or trainer.world_size > 1:  # DDP re-shards the rows: start afresh
-            return
+        if trainer is None or not isinstance(self.sampler, EpochSampler):
+            return  # DDP re-shards the rows with its own sampler: the epoch starts afresh
         # Batches whose update is in the checkpoint ("completed" lags by the one whose
         # on_train_batch_end wrote it).
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        self.sampler_.skip_epoch, self.sampler_.skip = state["epoch"], done * self.batch_size
+        self.sampler.skip_epoch, self.sampler.skip = state["epoch"], done * self.batch_size
 
 
 class TensorDataModule(L.LightningDataModule):
