@@ -44,7 +44,8 @@ class RunCheckpoint(Checkpoint):
         dirpath: the folder of the checkpoints (created when the first one is written).
         monitor: the metric that picks the best checkpoint. Default: val/loss.
         mode: "min" or "max". Default: min.
-        filename: name of the best checkpoint, formatted with `epoch`. Default: best-epoch{epoch:03d}.
+        filename: name of the best checkpoint, formatted with `epoch`.
+            Default: best-epoch{epoch:03d}.
 
     Attributes:
         best_path, best_score, best_epoch: the best checkpoint so far (None before one exists).

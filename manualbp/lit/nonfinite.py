@@ -37,7 +37,8 @@ class NonFiniteLossGuard(L.Callback):
         callback = trainer.checkpoint_callback
         lower = f"model.optimizer.lr={lr / 10:g}"
         if trainer.fast_dev_run or not isinstance(callback, RunCheckpoint):
-            return f"no checkpoint is kept (checkpointing is off); try a lower learning rate, {lower}"
+            return f"no checkpoint is kept (checkpointing is off); try a lower learning rate, " \
+                   f"e.g. {lower}"
         if callback.last_path is None:
             return (f"no epoch had finished, so there is no good state to resume from; start "
                     f"again with a lower learning rate, e.g. {lower}")
