@@ -74,3 +74,14 @@ def test_divergence_in_the_first_epoch_says_there_is_no_good_state(compose_train
                                                  "state to resume from"):
         train(cfg)
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_divergence_right_after_a_resume_points_at_the_checkpoint_resumed_from(compose_train,
+                                                                               tmp_path):
+    first = train(compose_train(*FAST, "trainer.max_epochs=1"))
+    poison = f"+callbacks.poison={{_target_:test_lit_nonfinite._Poison,step:{STEPS + 3}}}"
+    cfg = compose_train(*FAST, "trainer.max_epochs=3", f"ckpt_path={first.last_ckpt}",
+                        f"output_dir={tmp_path}/2", poison)
+    with pytest.raises(NonFiniteLossError, match=f"the last good state is {first.last_ckpt} "
+                                                 rf"\(step {STEPS}, epoch 0\)"):
+        train(cfg)

@@ -66,6 +66,7 @@ class RunCheckpoint(Checkpoint):
         self.last_step: int | None = None
         self.stop_signal: int | None = None
         self._previous_handlers: dict | None = None
+        self._resumed: tuple | None = None  # (epoch, step) of the checkpoint resumed from
 
     @property
     def state_key(self) -> str:
@@ -82,11 +83,14 @@ class RunCheckpoint(Checkpoint):
 
     # -- resume ----------------------------------------------------------------------------
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._resumed = (checkpoint.get("epoch"), checkpoint.get("global_step"))
+
     def on_train_start(self, trainer, pl_module) -> None:
         self._catch_signals()
-        if trainer.ckpt_path:
-            self.last_path, self.last_epoch = str(trainer.ckpt_path), trainer.current_epoch - 1
-            self.last_step = trainer.global_step
+        if trainer.ckpt_path and self._resumed:  # the last good state until an epoch ends
+            self.last_path = str(trainer.ckpt_path)
+            self.last_epoch, self.last_step = self._resumed
         if self.best_path is None or Path(self.best_path).parent == Path(self.dirpath):
             return
         # Resumed into a new run folder: bring the best so far along, or say that it is gone.
