@@ -1,5 +1,5 @@
 # `make test` and `make train` create .venv on first use. TORCH_PIN installs the CPU wheel these
-# machines serve locally; override it (e.g. `make TORCH_PIN=torch`) to take any torch>=2.4.
+# machines serve locally; override it (e.g. `make TORCH_PIN=torch`) to take any torch>=2.6.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

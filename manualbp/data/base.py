@@ -10,7 +10,7 @@ builds the module gets the same split.
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 TASKS = ("multiclass", "binary", "regression")
 
@@ -22,6 +22,53 @@ def _is_real(value) -> bool:
 def _check_int(owner: str, name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{owner}: expected {name} to be an int >= {minimum}, got {value!r}")
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles the rows anew each epoch from (seed, epoch) alone, so an epoch's order is the
+    same whether or not the run was stopped and resumed; `skip` rows are left out once, for
+    the first pass over epoch `skip_epoch` (a resume in the middle of that epoch)."""
+
+    def __init__(self, num_rows: int, seed: int) -> None:
+        self.num_rows, self.seed = num_rows, seed
+        self.epoch, self.skip, self.skip_epoch = 0, 0, None
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls it before each epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_rows, generator=generator)
+        skip = self.skip if self.skip_epoch == self.epoch else 0
+        self.skip, self.skip_epoch = 0, None
+        yield from order[skip:].tolist()
+
+
+class ResumableLoader(DataLoader):
+    """The training loader: its state (the epoch) travels in Lightning checkpoints, and a resume
+    in the middle of an epoch goes on with that epoch's remaining rows, in their order."""
+
+    def __init__(self, dataset, datamodule=None, sampler=None, **kwargs) -> None:
+        # Lightning builds the loader again with its DistributedSampler under DDP.
+        if sampler is None:
+            sampler = EpochSampler(len(dataset), torch.initial_seed() % 2**31)
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self.datamodule = datamodule
+
+    def state_dict(self) -> dict:
+        return {"epoch": getattr(self.sampler, "epoch", 0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        trainer = getattr(self.datamodule, "trainer", None)
+        if trainer is None or not isinstance(self.sampler, EpochSampler):
+            return  # DDP re-shards the rows with its own sampler: the epoch starts afresh
+        # Batches whose update is in the checkpoint ("completed" lags by the one whose
+        # on_train_batch_end wrote it).
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        self.sampler.skip_epoch, self.sampler.skip = state["epoch"], done * self.batch_size
 
 
 class TensorDataModule(L.LightningDataModule):
@@ -172,7 +219,10 @@ class TensorDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._train, shuffle=True)
+        """Shuffled anew each epoch by EpochSampler (seeded by the run's torch seed)."""
+        return ResumableLoader(self._train, self, batch_size=self.batch_size,
+                               num_workers=self.num_workers,
+                               persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._val, shuffle=False)

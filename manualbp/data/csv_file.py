@@ -2,6 +2,7 @@
 
 import csv
 import math
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from manualbp.data.base import TensorDataModule
 
 _CSV_TASKS = ("multiclass", "binary", "regression")
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 def _number(cell: str) -> float | None:
@@ -17,6 +19,26 @@ def _number(cell: str) -> float | None:
     except ValueError:
         return None
     return value if math.isfinite(value) else None
+
+
+def _float32(cell: str, where: str) -> float | None:
+    """The cell as a float that float32 can hold; None if not a finite number at all."""
+    value = _number(cell)
+    if value is not None and abs(value) > _FLOAT32_MAX:
+        raise ValueError(f"csv: {where}: {cell!r} is beyond float32's range (+-3.4e38), where "
+                         "training computes; rescale that column")
+    return value
+
+
+def _integer(cell: str) -> int | None:
+    """The exact integer a cell spells ("7", "7.0", "1e3", "9007199254740993"), else None."""
+    try:
+        value = Decimal(cell)
+    except InvalidOperation:
+        return None
+    if not value.is_finite() or value != value.to_integral_value():
+        return None
+    return int(value)
 
 
 def _read_rows(file: Path, delimiter: str) -> list[tuple[int, list[str]]]:
@@ -116,12 +138,10 @@ class CSVDataModule(TensorDataModule):
             for i, cell in enumerate(row):
                 if i == label:
                     continue
-                value = _number(cell)
+                where = f"row {line}, column '{names[i]}' of {file}"
+                value = _float32(cell, where)
                 if value is None:
-                    raise ValueError(
-                        f"csv: row {line}, column '{names[i]}' of {file}: expected a finite "
-                        f"number, got {cell!r}"
-                    )
+                    raise ValueError(f"csv: {where}: expected a finite number, got {cell!r}")
                 values.append(value)
             features.append(values)
             labels.append((line, row[label]))
@@ -162,7 +182,7 @@ class CSVDataModule(TensorDataModule):
     def _regression_targets(self, labels: list[tuple[int, str]]) -> torch.Tensor:
         targets = []
         for line, cell in labels:
-            value = _number(cell)
+            value = _float32(cell, f"row {line}, column '{self.label_name}'")
             if value is None:
                 raise ValueError(
                     f"csv: row {line}, column '{self.label_name}': expected a finite number "
@@ -177,13 +197,14 @@ class CSVDataModule(TensorDataModule):
         texts = [cell for _, cell in labels]
         numbers = [_number(cell) for cell in texts]
         if all(v is not None for v in numbers):
-            fractional = next((t for t, v in zip(texts, numbers, strict=True) if v != int(v)), None)
+            integers = [_integer(t) for t in texts]  # exact: labels above 2**53 stay apart
+            fractional = next((t for t, v in zip(texts, integers, strict=True) if v is None), None)
             if fractional is not None:
                 raise ValueError(
                     f"csv: task={task!r} but label column '{self.label_name}' holds the "
                     f"non-integer {fractional}; set data.task=regression"
                 )
-            texts = [str(int(v)) for v in numbers]  # "1.0" and "1" are the same class
+            texts = [str(v) for v in integers]  # "1.0" and "1" are the same class
             classes = sorted(set(texts), key=int)
         else:
             classes = sorted(set(texts))

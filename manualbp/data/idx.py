@@ -29,8 +29,17 @@ IDX_FILES = (
 _EXPECTED = ", ".join(IDX_FILES) + " (each raw or .gz)"
 
 
+# Deflate inflates at most about 1032-fold; a gzip file whose header declares more data than
+# that is corrupt, and is refused before anything is inflated.
+_MAX_INFLATE = 1032
+
+
 def read_idx(path: str | Path) -> Tensor:
     """Read one IDX file, raw or gzipped, into a tensor of its stored shape and dtype.
+
+    The header is read first and the declared size checked against the file's size (for
+    gzip: against the most its size can inflate to), so a corrupt header never makes it
+    read or inflate more than the file can hold.
 
     Args:
         path: the file; gzip is recognised by its magic bytes, not by the name.
@@ -39,36 +48,56 @@ def read_idx(path: str | Path) -> Tensor:
         ValueError: bad gzip stream, bad magic number, or a size that does not match the header.
     """
     path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as err:
-            raise ValueError(f"idx: {path} is not a valid gzip file ({err})") from err
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        gzipped = handle.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open(path, "rb") if gzipped else path.open("rb")) as handle:
+            head = handle.read(4)
+            _check_magic(path, head)
+            ndim = head[3]
+            dims = handle.read(4 * ndim)
+            offset = 4 + 4 * ndim
+            if len(dims) < 4 * ndim:
+                raise ValueError(
+                    f"idx: {path} is truncated: expected a {offset}-byte header for {ndim} dims, "
+                    f"got {4 + len(dims)} bytes"
+                )
+            shape = struct.unpack(f">{ndim}I", dims)
+            dtype = np.dtype(_IDX_DTYPES[head[2]])
+            expected = offset + math.prod(shape) * dtype.itemsize
+            if gzipped and expected > _MAX_INFLATE * size + offset:
+                raise ValueError(
+                    f"idx: {path} declares shape {shape} of {dtype.name} ({expected} bytes), "
+                    f"more than a {size}-byte gzip file can inflate to; the file is corrupt"
+                )
+            if not gzipped and size != expected:
+                raise ValueError(
+                    f"idx: {path} has {size} bytes, expected {expected} for shape {shape} of "
+                    f"{dtype.name}; the file is truncated or corrupt"
+                )
+            payload = handle.read(expected - offset + 1)  # one more: is there too much?
+    except (OSError, EOFError, zlib.error) as err:
+        raise ValueError(f"idx: {path} is not a valid gzip file ({err})") from err
+    if len(payload) != expected - offset:
+        got = offset + len(payload)
+        have = f"more than {expected}" if got > expected else f"{got}"
+        raise ValueError(
+            f"idx: {path} has {have} bytes, expected {expected} for shape {shape} of "
+            f"{dtype.name}; the file is truncated or corrupt"
+        )
+    items = np.frombuffer(payload, dtype=dtype).astype(dtype.newbyteorder("="))
+    return torch.from_numpy(items.reshape(shape))
+
+
+def _check_magic(path: Path, head: bytes) -> None:
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES or head[3] == 0:
         codes = ",".join(f"{c:02x}" for c in _IDX_DTYPES)
         raise ValueError(
             f"idx: {path} has a bad magic number: expected bytes 00 00 <dtype in {codes}> "
-            f"<ndim >= 1>, got {raw[:4].hex(' ') or 'an empty file'}; the file is corrupt or "
+            f"<ndim >= 1>, got {head[:4].hex(' ') or 'an empty file'}; the file is corrupt or "
             "not an IDX file"
         )
-    ndim = raw[3]
-    offset = 4 + 4 * ndim
-    if len(raw) < offset:
-        raise ValueError(
-            f"idx: {path} is truncated: expected a {offset}-byte header for {ndim} dims, "
-            f"got {len(raw)} bytes"
-        )
-    shape = struct.unpack(f">{ndim}I", raw[4:offset])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = offset + math.prod(shape) * dtype.itemsize
-    if len(raw) != expected:
-        raise ValueError(
-            f"idx: {path} has {len(raw)} bytes, expected {expected} for shape {shape} of "
-            f"{dtype.name}; the file is truncated or corrupt"
-        )
-    items = np.frombuffer(raw, dtype=dtype, offset=offset).astype(dtype.newbyteorder("="))
-    return torch.from_numpy(items.reshape(shape))
 
 
 class MNISTDataModule(TensorDataModule):
@@ -163,6 +192,11 @@ class MNISTDataModule(TensorDataModule):
             raise ValueError(
                 f"{self.name}: expected labels 0..{len(self._class_names) - 1} in "
                 f"{labels_file.name}, got {int(labels.max())}"
+            )
+        if images.shape[0] == 0:
+            raise ValueError(
+                f"{self.name}: {images_file} holds 0 images; expected at least one (the "
+                f"{split} split cannot be empty)"
             )
         x = images.reshape(images.shape[0], -1).float() / 255.0  # (N, H, W) -> (N, H*W)
         return x, labels.long()

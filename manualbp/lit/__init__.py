@@ -5,23 +5,36 @@ here. `train(cfg)` is what `python train.py` calls; README.md ("Training") is th
 """
 
 from manualbp.lit.boundary import DecisionBoundary
+from manualbp.lit.checkpoints import RunCheckpoint, RunInterrupted
+from manualbp.lit.ckpt_io import CheckpointError, WeightsOnlyCheckpointIO, read_checkpoint
 from manualbp.lit.embedding import HiddenEmbedding
 from manualbp.lit.errors import user_message
 from manualbp.lit.grad_check import GradCheck
 from manualbp.lit.layer_stats import LayerStatsMonitor
 from manualbp.lit.module import LitMLP
 from manualbp.lit.nonfinite import NonFiniteLossError, NonFiniteLossGuard
+from manualbp.lit.progress import EpochLine
+from manualbp.lit.reload import load
+from manualbp.lit.run_folder import RunFolderError
 from manualbp.lit.runner import RunResult, train
 
 __all__ = [
+    "CheckpointError",
     "DecisionBoundary",
+    "EpochLine",
     "GradCheck",
     "HiddenEmbedding",
     "LayerStatsMonitor",
     "LitMLP",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
+    "RunCheckpoint",
+    "RunFolderError",
+    "RunInterrupted",
     "RunResult",
+    "WeightsOnlyCheckpointIO",
+    "load",
+    "read_checkpoint",
     "train",
     "user_message",
 ]

@@ -1,5 +1,6 @@
 """LightningModule around an MLP of manualbp layers: one model_step, thin train/val/test steps."""
 
+import logging
 from functools import partial
 
 import lightning as L
@@ -8,8 +9,11 @@ from torch import Tensor, nn
 from torchmetrics import Accuracy, MaxMetric, MeanMetric, MeanSquaredError, MinMetric
 
 import manualbp as mb
+from manualbp.lit.ckpt_io import RUN_KEY
 from manualbp.lit.heads import head_loss, head_preds, head_probs, out_units, resolve_head
 from manualbp.lit.twin import build_twin, twin_forward
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("manual", "autograd")
 INITS = ("torch", "he", "xavier")
@@ -77,6 +81,8 @@ class LitMLP(L.LightningModule):
         head: the resolved head, "softmax", "logistic" or "identity".
         metric_name: "acc" for classification, "mse" for regression (logged as val/acc, ...).
         trace: an mb.Trace a callback sets to have the next training step record a[i], delta[i].
+        run_config: the run's data and model config (plain dicts), which the runner sets;
+            saved in every checkpoint so that testing or loading it needs nothing else.
     """
 
     def __init__(self, net, optimizer, num_features: int, num_classes: int,
@@ -98,6 +104,9 @@ class LitMLP(L.LightningModule):
         self.activations = [layer.activation for layer in mlp.layers]
         self.net = mlp if backend == "manual" else build_twin(mlp)
         self.trace: mb.Trace | None = None
+        self.run_config: dict | None = None
+        self._configured_lr: float | None = None  # the optimizer's lr as configured now
+        self._restored_lr: float | None = None  # the configured lr of the checkpoint resumed
 
         if self.head == "identity":
             self.metric_name, best, metric = "mse", MinMetric, MeanSquaredError
@@ -107,6 +116,7 @@ class LitMLP(L.LightningModule):
         self.train_metric, self.val_metric, self.test_metric = metric(), metric(), metric()
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_best = best()
+        self.val_best.persistent(True)  # a resume carries on with the best so far
 
     def forward(self, x: Tensor, trace: mb.Trace | None = None) -> Tensor:
         """z[L] (logits) of x (N, num_features); a trace records a[i] and delta[i]."""
@@ -140,7 +150,38 @@ class LitMLP(L.LightningModule):
         return loss
 
     def on_train_start(self) -> None:
-        self.val_best.reset()  # forget what the sanity check saw
+        self._apply_configured_lr()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[RUN_KEY] = {"config": self.run_config, "optimizer_lr": self._configured_lr}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restored_lr = (checkpoint.get(RUN_KEY) or {}).get("optimizer_lr")
+        for name, value in self.val_best.state_dict(prefix="val_best.").items():
+            checkpoint["state_dict"].setdefault(name, value)  # checkpoints from before it was kept
+
+    def _apply_configured_lr(self) -> None:
+        """After a resume with another model.optimizer.lr, train at that rate.
+
+        The restored optimizer state carries the old rate. Without a scheduler the new rate
+        replaces it; with one, the rates (and the scheduler's base rates) are scaled by
+        new / old: the rate a run started at the new rate would have at this epoch.
+        """
+        old, new = self._restored_lr, self._configured_lr
+        if old is None or new is None or old == new or not self.trainer.optimizers:
+            return
+        scheduled = bool(self.trainer.lr_scheduler_configs)
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * new / old if scheduled else new
+                if "initial_lr" in group:
+                    group["initial_lr"] = group["initial_lr"] * new / old
+        for config in self.trainer.lr_scheduler_configs:
+            if hasattr(config.scheduler, "base_lrs"):
+                config.scheduler.base_lrs = [lr * new / old for lr in config.scheduler.base_lrs]
+        if self.trainer.is_global_zero:
+            log.info("model.optimizer.lr is %g, the checkpoint's run used %g: the restored "
+                     "optimizer now trains at the new rate", new, old)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, preds, y = self.model_step(batch)
@@ -150,6 +191,8 @@ class LitMLP(L.LightningModule):
         self.log(f"val/{self.metric_name}", self.val_metric, on_epoch=True, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return  # a few batches of the weights before training: not a result
         self.val_best(self.val_metric.compute())  # torchmetrics syncs over DDP ranks
         self.log(f"val/{self.metric_name}_best", self.val_best.compute(), sync_dist=True,
                  prog_bar=True)
@@ -168,6 +211,7 @@ class LitMLP(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameters())
+        self._configured_lr = optimizer.defaults.get("lr")
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)

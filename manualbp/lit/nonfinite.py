@@ -1,10 +1,11 @@
-"""Stop training when the loss turns NaN or infinite, keeping the last good weights on disk."""
+"""Stop training when the loss turns NaN or infinite, pointing at the last good state on disk."""
 
 import math
-from pathlib import Path
 
 import lightning as L
 import torch
+
+from manualbp.lit.checkpoints import RunCheckpoint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -14,10 +15,10 @@ class NonFiniteLossError(RuntimeError):
 class NonFiniteLossGuard(L.Callback):
     """Checks every training loss before its backward; stops the run at the first bad one.
 
-    The weights at that moment have not seen the bad step's update, so (when they are finite)
-    they are saved to `last.ckpt` in the checkpoint folder before the run stops; resume with
-    ckpt_path=<that file> and a lower learning rate. Non-finite weights are never saved, so the
-    previous last.ckpt survives. Under DDP the ranks agree before anyone stops.
+    Nothing is written at that moment: weights that produce a NaN loss can be finite and still
+    useless (1e29), so the guard points at the last good state instead, the last.ckpt of the
+    latest completed epoch (RunCheckpoint never writes non-finite weights over it), or the
+    checkpoint this run resumed from. Under DDP the ranks agree before anyone stops.
     """
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
@@ -25,25 +26,22 @@ class NonFiniteLossGuard(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(bad, all=False):
             return
         step, epoch = trainer.global_step, trainer.current_epoch
-        saved = self._save_weights(trainer, pl_module)
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
         raise NonFiniteLossError(
             f"train/loss is {loss.item()} at step {step} (epoch {epoch}); training stopped "
-            f"before this update; {saved}; try a lower learning rate, e.g. "
-            f"model.optimizer.lr={lr / 10:g} (now {lr:g})"
+            f"before this update; {self._last_good(trainer, lr)} (now {lr:g})"
         )
 
     @staticmethod
-    def _save_weights(trainer, pl_module) -> str:
-        """Write last.ckpt if the weights are finite; say what happened."""
+    def _last_good(trainer, lr: float) -> str:
         callback = trainer.checkpoint_callback
-        if callback is None or callback.dirpath is None or trainer.fast_dev_run:
-            return "no checkpoint written (checkpointing is off)"
-        finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
-        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
-            return ("the weights are no longer finite, so no checkpoint was written (an earlier "
-                    "last.ckpt stays)")
-        name = f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"  # last.ckpt
-        path = Path(callback.dirpath) / name
-        trainer.save_checkpoint(path)
-        return f"the weights before it are saved in {path}"
+        lower = f"model.optimizer.lr={lr / 10:g}"
+        if trainer.fast_dev_run or not isinstance(callback, RunCheckpoint):
+            return f"no checkpoint is kept (checkpointing is off); try a lower learning rate, " \
+                   f"e.g. {lower}"
+        if callback.last_path is None:
+            return (f"no epoch had finished, so there is no good state to resume from; start "
+                    f"again with a lower learning rate, e.g. {lower}")
+        return (f"the last good state is {callback.last_path} (step {callback.last_step}, "
+                f"epoch {callback.last_epoch}); resume from it with a lower "
+                f"learning rate: ckpt_path={callback.last_path} {lower}")
