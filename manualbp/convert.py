@@ -65,14 +65,19 @@ class ConversionReport:
     converted: list[str] = field(default_factory=list)
     fused: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    undo: bool = False  # made by unconvert: converted = made plain, fused = put back apart
 
     def __str__(self) -> str:
-        lines = [
-            f"convert: {len(self.converted)} Linear converted, {len(self.fused)} fused with "
-            f"their activation, {len(self.skipped)} skipped"
-        ]
-        lines += [f"  converted {name or '<root>'}" for name in self.converted]
-        lines += [f"  fused     {linear} + {act}" for linear, act in self.fused]
+        if self.undo:
+            lines = [f"unconvert: {len(self.converted)} made plain again, {len(self.fused)} "
+                     f"activations put back, {len(self.skipped)} skipped"]
+        else:
+            lines = [f"convert: {len(self.converted)} Linear converted, {len(self.fused)} fused "
+                     f"with their activation, {len(self.skipped)} skipped"]
+        lines += [f"  {'plain' if self.undo else 'converted'} {name or '<root>'}"
+                  for name in self.converted]
+        lines += [f"  {'unfused' if self.undo else 'fused  '}   {linear} + {act}"
+                  for linear, act in self.fused]
         lines += [f"  skipped   {name or '<root>'}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
 

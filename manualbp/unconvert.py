@@ -38,7 +38,7 @@ def unconvert(module, *, report=False):
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"unconvert: expected an nn.Module, got {type(module).__name__}")
-    rep = ConversionReport()
+    rep = ConversionReport(undo=True)
     modules = list(module.named_modules())
     names = {id(m): name for name, m in modules}
     unfused = set()
@@ -74,5 +74,5 @@ def unconvert(module, *, report=False):
             m.__class__ = type(m).manualbp_original
             m.__dict__.pop("activation", None)
             rep.converted.append(name)
-    logger.info("un%s", rep)
+    logger.info("%s", rep)
     return (module, rep) if report else module

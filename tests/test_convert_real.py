@@ -255,6 +255,7 @@ def test_unconvert_round_trip_same_objects_and_outputs():
         assert_close(m(x), expected)
         assert not any(isinstance(s, Linear) for s in m.modules())
     assert report.fused == [("mlp.0", "mlp.1")] and type(vit.mlp[1]) is nn.GELU
+    assert str(report).startswith("unconvert: 4 made plain again, 1 activations put back")
 
 
 def _is_quantized(m):
