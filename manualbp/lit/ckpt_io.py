@@ -29,6 +29,18 @@ def read_checkpoint(path, map_location="cpu") -> dict:
             weights_only refuses, or one that is not a Lightning checkpoint.
     """
     file = Path(path)
+    checkpoint = load_weights_only(file, map_location)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        got = f"a dict with keys {sorted(checkpoint)[:6]}" if isinstance(checkpoint, dict) else (
+            type(checkpoint).__name__)
+        raise CheckpointError(f"checkpoint {file}: expected a Lightning checkpoint (a dict with "
+                              f"'state_dict'), got {got}")
+    return checkpoint
+
+
+def load_weights_only(path, map_location="cpu"):
+    """torch.load(path, weights_only=True), with one CheckpointError line for a bad file."""
+    file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"checkpoint {file}: expected an existing .ckpt file, got none "
                               "there; runs keep theirs in <run folder>/checkpoints/")
@@ -50,16 +62,15 @@ def read_checkpoint(path, map_location="cpu") -> dict:
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise CheckpointError(f"checkpoint {file}: the file is truncated or corrupt ({reason}); "
                               "use another checkpoint") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        got = f"a dict with keys {sorted(checkpoint)[:6]}" if isinstance(checkpoint, dict) else (
-            type(checkpoint).__name__)
-        raise CheckpointError(f"checkpoint {file}: expected a Lightning checkpoint (a dict with "
-                              f"'state_dict'), got {got}")
     return checkpoint
 
 
 class WeightsOnlyCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint IO, but every load is read_checkpoint (weights_only=True)."""
+    """Lightning's torch checkpoint IO, but every load is torch.load(weights_only=True).
 
-    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
-        return read_checkpoint(path, map_location=map_location or "cpu")
+    Lightning loads more than checkpoints through it (ddp_spawn hands the workers' weights back
+    in a temporary file of a bare state dict), so only the file itself is checked here.
+    """
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return load_weights_only(path, map_location=map_location or "cpu")
