@@ -4,6 +4,7 @@ from torch import Tensor, nn
 
 from manualbp.activations import check_activation
 from manualbp.linear import _apply, check_linear_args
+from manualbp.rules import DFA, attach, check_rule, feedback_of
 from manualbp.losses import mse_loss, sigmoid_binary_cross_entropy, softmax_cross_entropy
 
 
@@ -21,10 +22,19 @@ class Linear(nn.Linear):
         bias: learn an additive bias b (default True).
         activation: name in manualbp.ACTIVATIONS applied to z (default "identity": plain Linear).
         device, dtype: factory kwargs, as nn.Linear.
+        rule: how the error goes down (manualbp.rules): "backprop" (default), "feedback_alignment"
+            ("fa"), "sign_symmetry" ("ss", "usf") or "kolen_pollack" ("kp"). Direct feedback
+            alignment needs the whole network: mb.MLP(..., rule="dfa").
 
     Attributes:
         weight: (out_features, in_features), U(-1/sqrt(n_in), 1/sqrt(n_in)) as nn.Linear.
         bias: (out_features,) or None, same init.
+        rule: the rule's full name.
+        feedback: (out_features, in_features), the rule's B, drawn after weight and bias (so
+            they are nn.Linear's under the same seed): a buffer for feedback alignment (same
+            init as weight) and sign symmetry (sign(W) * rms(W) of the latest forward), a
+            Parameter for Kolen-Pollack (the optimizer steps it with W's gradient). Absent for
+            backprop.
 
     Shape:
         input (*, in_features) -> output (*, out_features).
@@ -38,21 +48,41 @@ class Linear(nn.Linear):
         activation: str = "identity",
         device=None,
         dtype=None,
+        rule: str = "backprop",
     ) -> None:
         self.activation = check_activation(activation, "Linear")
+        rule = check_rule(rule, "Linear")
+        if rule == DFA:
+            raise ValueError(
+                "Linear: rule 'direct_feedback_alignment' sends every hidden layer the output "
+                "layer's error, so it needs the whole network; use mb.MLP(sizes, rule='dfa')"
+            )
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        attach(self, rule)
+
+    rule = "backprop"  # class default: layers that convert() swapped in carry none of their own
 
     def forward(self, input: Tensor) -> Tensor:
         W, b = self.weight, self.bias
+        B = None if self.rule == "backprop" else self._feedback()
         try:
-            return _apply(input, W, b, self.activation)
+            return _apply(input, W, b, self.activation, B)
         except Exception as error:  # checked only once F.linear has refused the input
             refused = error
         check_linear_args("Linear", input, W, b)  # says plainly what is wrong with the input
         raise refused  # the input was fine: the error is about something else
 
+    def _feedback(self) -> Tensor:
+        if self.rule == DFA:
+            raise ValueError(
+                "Linear: this layer belongs to an MLP trained by direct feedback alignment, "
+                "whose error reaches it from the output layer; call the MLP, not the layer"
+            )
+        return feedback_of(self)
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation}"
+        rule = "" if self.rule == "backprop" else f", rule={self.rule}"
+        return f"{super().extra_repr()}, activation={self.activation}{rule}"
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
