@@ -16,12 +16,12 @@ log = logging.getLogger("train")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig):
     # Imported here so that a config typo is refused before torch and Lightning load.
     from manualbp.lit import train, user_message
 
     try:
-        train(cfg)
+        return train(cfg)  # the RunResult, for Hydra callbacks such as RulesTable
     except Exception as err:
         message = user_message(err)
         if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -4,6 +4,7 @@ Core manualbp imports torch only; everything that needs Lightning, Hydra or Tens
 here. `train(cfg)` is what `python train.py` calls; README.md ("Training") is the user's guide.
 """
 
+from manualbp.lit.alignment import RuleAlignment
 from manualbp.lit.boundary import DecisionBoundary
 from manualbp.lit.embedding import HiddenEmbedding
 from manualbp.lit.errors import user_message
@@ -21,6 +22,7 @@ __all__ = [
     "LitMLP",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
+    "RuleAlignment",
     "RunResult",
     "train",
     "user_message",
