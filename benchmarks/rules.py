@@ -34,9 +34,11 @@ SHAPES = {"mnist1d 40-256-256-10, batch 64": ([40, 256, 256, 10], 64),
 def make_step(path: str, rule: str, sizes, x, y):
     torch.manual_seed(0)
     if path == "per_layer":
-        model = nn.Sequential(*[mb.Linear(n_in, n_out, activation="relu" if i < len(sizes) - 2
-                                          else "identity", rule=rule)
-                                for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))])
+        L = len(sizes) - 1
+        model = nn.Sequential(*[
+            mb.Linear(sizes[i], sizes[i + 1], activation="relu" if i < L - 1 else "identity",
+                      rule=rule)
+            for i in range(L)])
     else:
         model = mb.MLP(sizes, rule=rule)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)

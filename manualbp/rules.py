@@ -1,4 +1,4 @@
-"""Learning rules: which matrix carries the error down in delta[i] = (delta[i+1] . W[i+1]) * g'(z[i]).
+"""Learning rules: which matrix carries the error down in delta[i] = (delta[i+1] W[i+1]) * g'(z[i]).
 
 The slides send the error down through the forward weights W ("note the use of W"). A learning
 rule replaces that one matrix and nothing else; the weight gradient stays delta^T a_prev:

@@ -299,14 +299,18 @@ def test_rules_compile_fullgraph_and_functorch():
         mlp = mb.MLP([5, 7, 4], activation="relu", dtype=torch.float64, rule=rule)
         eager = mlp.loss(x, y)[0]
         want = torch.autograd.grad(eager, list(mlp.parameters()))
-        compiled = torch.compile(lambda x, y: mlp.loss(x, y)[0], fullgraph=True, backend="eager")
+        compiled = torch.compile(lambda x, y, mlp=mlp: mlp.loss(x, y)[0], fullgraph=True,
+                                 backend="eager")
         got = torch.autograd.grad(compiled(x, y), list(mlp.parameters()))
         for w, m in zip(want, got, strict=True):
             torch.testing.assert_close(m, w, msg=rule)
         params = dict(mlp.named_parameters())
         buffers = dict(mlp.named_buffers())
-        fgrad = torch.func.grad(lambda p: torch.func.functional_call(
-            mlp, (p, buffers), (x,), {}).logsumexp(1).mul(y.double()).sum())
+        def f(p, mlp=mlp, buffers=buffers):
+            return torch.func.functional_call(mlp, (p, buffers), (x,), {}).logsumexp(1).mul(
+                y.double()).sum()
+
+        fgrad = torch.func.grad(f)
         mine = fgrad(params)
         ref = torch.autograd.grad(mlp(x).logsumexp(1).mul(y.double()).sum(), list(params.values()))
         for (name, m), w in zip(mine.items(), ref, strict=True):

@@ -99,12 +99,13 @@ def test_mnist1d_is_generated_offline_as_published(monkeypatch):
 
 def test_mnist1d_refuses_data_that_differ_from_the_published_set(monkeypatch):
     pytest.importorskip("mnist1d")
-    from manualbp.data import mnist1d as ours
-
     import mnist1d.data
 
+    from manualbp.data import mnist1d as ours
+
     monkeypatch.setattr(ours, "_CACHE", {})
-    fake = {k: np.zeros((2, 40) if k.startswith("x") else 2) for k in ("x", "y", "x_test", "y_test")}
+    fake = {k: np.zeros((2, 40) if k.startswith("x") else 2)
+            for k in ("x", "y", "x_test", "y_test")}
     monkeypatch.setattr(mnist1d.data, "make_dataset", lambda args: fake)
     with pytest.raises(RuntimeError, match="mnist1d: expected the published data set"):
         ours.MNIST1DDataModule()

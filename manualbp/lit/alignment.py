@@ -19,7 +19,6 @@ sign symmetry's stays where sign(W) puts it.
 import math
 
 import lightning as L
-import torch
 from torch import Tensor
 
 import manualbp as mb
@@ -39,7 +38,7 @@ def alignment_metrics(layers, trace: mb.Trace) -> dict[str, float]:
     """The align/ scalars above from the network's layers and a Trace filled under a rule."""
     metrics: dict[str, float] = {}
     L = len(layers)
-    for i, (delta, bp) in enumerate(zip(trace.delta, trace.delta_backprop), start=1):
+    for i, (delta, bp) in enumerate(zip(trace.delta, trace.delta_backprop, strict=False), start=1):
         if i < L and delta is not None and bp is not None:
             metrics[f"align/delta_angle_{i}"] = angle(delta, bp)
     for i, layer in enumerate(layers, start=1):

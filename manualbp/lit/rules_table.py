@@ -30,11 +30,14 @@ class RulesTable(Callback):
     Args:
         path: the JSON results file (folders are created).
         protocol: a free-form description stored with the numbers.
+        reference: rule -> published test accuracy (%) to compare with; None: REFERENCE
+            (MNIST-1D's).
     """
 
-    def __init__(self, path: str, protocol: str = "") -> None:
+    def __init__(self, path: str, protocol: str = "", reference: dict | None = None) -> None:
         self.path = path
         self.protocol = protocol
+        self.reference = dict(REFERENCE if reference is None else reference)
         self.runs: list[dict] = []
         self._start = 0.0
 
@@ -58,25 +61,25 @@ class RulesTable(Callback):
         })
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        write_results(self.path, self.runs, self.protocol)
+        write_results(self.path, self.runs, self.protocol, self.reference)
 
 
-def summarise(runs: list[dict]) -> dict[str, dict]:
-    """Per rule (in REFERENCE's order, then any other): mean, std and n of test_acc."""
-    rules = [r for r in REFERENCE if any(run["rule"] == r for run in runs)]
+def summarise(runs: list[dict], reference: dict) -> dict[str, dict]:
+    """Per rule (in reference's order, then any other): mean, std and n of test_acc."""
+    rules = [r for r in reference if any(run["rule"] == r for run in runs)]
     rules += sorted({run["rule"] for run in runs} - set(rules))
     out = {}
     for rule in rules:
         accs = [run["test_acc"] for run in runs if run["rule"] == rule]
         out[rule] = {"mean": statistics.fmean(accs), "n": len(accs),
                      "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                     "reference": REFERENCE.get(rule)}
+                     "reference": reference.get(rule)}
     return out
 
 
-def write_results(path: str, runs: list[dict], protocol: str) -> None:
+def write_results(path: str, runs: list[dict], protocol: str, reference: dict) -> None:
     data = {"protocol": protocol, "tolerance_points": TOLERANCE, "runs": runs,
-            "summary": summarise(runs)}
+            "summary": summarise(runs, reference)}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
