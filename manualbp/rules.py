@@ -5,7 +5,7 @@ rule replaces that one matrix and nothing else; the weight gradient stays delta^
 
     backprop                   grad_a_prev = delta W          (the slides)
     feedback_alignment         grad_a_prev = delta B          B fixed, random, shaped like W
-    sign_symmetry              grad_a_prev = delta B          B = sign(W) * rms(W), from W each step
+    sign_symmetry              grad_a_prev = delta B          B = sign(W) * s, from W each step
     kolen_pollack              grad_a_prev = delta B          B random at first, then stepped by the
                                                               optimizer with W's gradient, so with
                                                               weight decay B -> W
@@ -13,8 +13,10 @@ rule replaces that one matrix and nothing else; the weight gradient stays delta^
                                                               D[i] fixed, random, (n_L, n_i)
 
 Sign symmetry is the uSF variant of Liao, Leibo & Poggio (2016): every entry of B has the same
-magnitude. Ours is rms(W) = ||W||_F / sqrt(n_out n_in) (so ||B||_F = ||W||_F) rather than 1:
-without batch normalisation a magnitude of 1 would scale the error by about 1/rms(W) per layer.
+magnitude s. Ours is fixed when the layer is initialised, s = rms(W) = ||W||_F / sqrt(n_out n_in)
+of the initial W (so ||B||_F = ||W||_F then), rather than 1: without batch normalisation a
+magnitude of 1 scales the error by about 1/rms(W) per layer and training diverges. s lives in the
+`feedback` buffer itself (s = max |feedback|), so it is saved, loaded and moved with it.
 
 Each layer that needs one holds its matrix as `feedback`: a buffer (feedback alignment, sign
 symmetry, DFA) or, for Kolen-Pollack, a Parameter, because its update is the optimizer's (the
@@ -53,10 +55,11 @@ def draw_like_linear(shape, fan_in: int, like: Tensor) -> Tensor:
     return nn.init.uniform_(B, -bound, bound)
 
 
-def sign_feedback(W: Tensor) -> Tensor:
-    """uSF: B = sign(W) * rms(W), outside any graph (B is not a function of W for autograd)."""
+def sign_feedback(W: Tensor, scale: Tensor | None = None) -> Tensor:
+    """uSF: B = sign(W) * scale (default rms(W)), outside any graph (B is no function of W for
+    autograd)."""
     W = W.detach()
-    return W.sign() * W.square().mean().sqrt()
+    return W.sign() * (W.square().mean().sqrt() if scale is None else scale)
 
 
 def attach(layer: nn.Linear, rule: str, n_L: int | None = None) -> None:
@@ -83,12 +86,15 @@ def attach(layer: nn.Linear, rule: str, n_L: int | None = None) -> None:
 
 def redraw(layer: nn.Module, init: str) -> None:
     """Draw a random `feedback` again as W was drawn ("he": normal, std sqrt(2 / fan_in);
-    "xavier": normal, std sqrt(2 / (fan_in + fan_out))); sign symmetry's follows W instead."""
+    "xavier": normal, std sqrt(2 / (fan_in + fan_out))); sign symmetry's is made again from the
+    new W (its magnitude s = rms(W) with it)."""
     B = getattr(layer, "feedback", None)
-    if B is None or layer.rule == "sign_symmetry":
+    if B is None:
         return
     with torch.no_grad():
-        if init == "he":
+        if layer.rule == "sign_symmetry":
+            B.copy_(sign_feedback(layer.weight))
+        elif init == "he":
             nn.init.kaiming_normal_(B, nonlinearity="relu")
         elif init == "xavier":
             nn.init.xavier_normal_(B)
@@ -99,15 +105,15 @@ def redraw(layer: nn.Module, init: str) -> None:
 def feedback_of(layer: nn.Module) -> Tensor | None:
     """The matrix layer's error goes down through this step: None for backprop (W itself).
 
-    Sign symmetry's B is computed from the current W; in eager mode the `feedback` buffer is
-    rebound to it (not written in place: an earlier forward may still have the old B saved for
-    its backward), so it always shows the B of the latest forward.
+    Sign symmetry's B is sign(current W) * s, s = max |feedback| (fixed at initialisation); in
+    eager mode the `feedback` buffer is rebound to it (not written in place: an earlier forward
+    may still have the old B saved for its backward), so it shows the B of the latest forward.
     """
     rule = layer.rule
     if rule == "backprop":
         return None
     if rule == "sign_symmetry":
-        B = sign_feedback(layer.weight)
+        B = sign_feedback(layer.weight, layer.feedback.abs().amax())
         if not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
             layer._buffers["feedback"] = B
         return B

@@ -14,7 +14,7 @@ from oracle import noncontiguous_randn
 from torch import nn
 
 import manualbp as mb
-from manualbp.rules import sign_feedback
+from manualbp.rules import redraw, sign_feedback
 
 RULES = ["feedback_alignment", "sign_symmetry", "kolen_pollack"]  # per layer
 MLP_RULES = [*RULES, "direct_feedback_alignment"]
@@ -33,9 +33,14 @@ def g(name, z):
     return z if name == "identity" else mb.ACTIVATIONS[name].g(z)
 
 
+def ss_B(layer, W):
+    """Sign symmetry's B: sign of the current W, magnitude fixed in the buffer."""
+    return sign_feedback(W, layer.feedback.abs().amax())
+
+
 def layer_B(rule, layer, W, params):
     if rule == "sign_symmetry":
-        return sign_feedback(W)
+        return ss_B(layer, W)
     if rule == "kolen_pollack":
         return params["feedback"]
     return getattr(layer, "feedback", None)
@@ -120,7 +125,7 @@ def per_layer_reference(rule, layer, x, up, act):
     W = layer.weight.detach().clone().requires_grad_()
     b = layer.bias.detach().clone().requires_grad_()
     B = layer.feedback.detach().clone().requires_grad_() if rule == "kolen_pollack" else (
-        sign_feedback(W) if rule == "sign_symmetry" else layer.feedback)
+        ss_B(layer, W) if rule == "sign_symmetry" else layer.feedback)
     x = x.detach().clone().requires_grad_()
     inputs = [x, W, b] + ([B] if rule == "kolen_pollack" else [])
     return torch.autograd.grad(g(act, st_linear(x, W, b, B)), inputs, up)
@@ -266,13 +271,19 @@ def test_feedback_is_a_seeded_saved_moved_tensor():
     assert "feedback" in dict(fa.named_buffers()) and len(list(fa.parameters())) == 2
 
 
-def test_sign_symmetry_follows_W():
+def test_sign_symmetry_follows_Ws_sign_with_the_magnitude_it_started_with():
     layer = mb.Linear(4, 3, rule="sign_symmetry")
+    s = layer.weight.detach().square().mean().sqrt()
+    torch.testing.assert_close(layer.feedback, layer.weight.detach().sign() * s)
     with torch.no_grad():
-        layer.weight.neg_()
+        layer.weight.mul_(-3)
     layer(torch.randn(2, 4))
-    torch.testing.assert_close(layer.feedback, sign_feedback(layer.weight))
-    assert torch.equal(layer.feedback.sign(), layer.weight.sign())
+    torch.testing.assert_close(layer.feedback, layer.weight.detach().sign() * s)
+    with torch.no_grad():
+        layer.weight.normal_()
+    redraw(layer, "he")  # a new init takes a new magnitude
+    s = layer.weight.detach().square().mean().sqrt()
+    torch.testing.assert_close(layer.feedback, layer.weight.detach().sign() * s)
 
 
 def test_rules_under_autocast_match_the_reference_in_bf16_tolerance():
