@@ -3,8 +3,9 @@
     python benchmarks/rules.py [--rounds 15] [--out benchmarks/results/rules-cpu-DATE]
 
 A step is a whole SGD training step (momentum 0.9, weight decay 1e-4): forward, delta[L],
-the recursion, every gradient, optimizer.step(). Paths: MLP.backprop (no graph), the MLP node
-(mlp.loss(x, y)[0].backward()) and per-layer mb.Linear layers in an nn.Sequential (no DFA
+the recursion, every gradient, optimizer.step(); "pass only" leaves the optimizer out (for
+Kolen-Pollack the optimizer also steps B, as many numbers as W: the rule's own update).
+Paths: MLP.backprop (no graph), the MLP node (mlp.loss(x, y)[0].backward()) and per-layer mb.Linear layers in an nn.Sequential (no DFA
 there). Timing is step.py's: rounds interleave every variant in rotated order, and each
 rule's ratio is its median over backprop's median on the same path in the same rounds. The
 load average is recorded before and after: the machine may be shared.
@@ -31,7 +32,7 @@ SHAPES = {"mnist1d 40-256-256-10, batch 64": ([40, 256, 256, 10], 64),
           "wide 784-1024-1024-10, batch 256": ([784, 1024, 1024, 10], 256)}
 
 
-def make_step(path: str, rule: str, sizes, x, y):
+def make_step(path: str, rule: str, sizes, x, y, update: bool = True):
     torch.manual_seed(0)
     if path == "per_layer":
         L = len(sizes) - 1
@@ -51,7 +52,8 @@ def make_step(path: str, rule: str, sizes, x, y):
             loss = (model.loss(x, y)[0] if path == "node"
                     else mb.softmax_cross_entropy(model(x), y))
             loss.backward()
-        opt.step()
+        if update:
+            opt.step()
 
     return step
 
@@ -72,13 +74,15 @@ def main() -> None:
         x, y = torch.randn(batch, sizes[0]), torch.randint(0, sizes[-1], (batch,))
         for path in ["backprop()", "node", "per_layer"]:
             rules = [r for r in RULES if path != "per_layer" or r != "direct_feedback_alignment"]
-            fns = {rule: make_step(path, rule, sizes, x, y) for rule in rules}
-            timed = time_interleaved(fns, args.rounds, warmup=3, target_s=args.target_s,
-                                     sync=lambda: None)
-            base = timed["backprop"]["median_s"]
-            results[f"{shape}, {path}"] = {
-                rule: {"median_ms": 1e3 * t["median_s"], "ratio": t["median_s"] / base}
-                for rule, t in timed.items()}
+            for update in (True, False):
+                fns = {rule: make_step(path, rule, sizes, x, y, update) for rule in rules}
+                timed = time_interleaved(fns, args.rounds, warmup=3, target_s=args.target_s,
+                                         sync=lambda: None)
+                base = timed["backprop"]["median_s"]
+                what = "step" if update else "pass only (no optimizer.step)"
+                results[f"{shape}, {path}, {what}"] = {
+                    rule: {"median_ms": 1e3 * t["median_s"], "ratio": t["median_s"] / base}
+                    for rule, t in timed.items()}
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "rounds": args.rounds,
             "loadavg_before": load_before, "loadavg_after": os.getloadavg()}

@@ -202,7 +202,8 @@ class MLP(nn.Module):
         torch.compile, autocast or a Trace, through MLPFunction."""
         params, activations = self._flat()
         check_linear_args("MLP", x, params[0], params[1])
-        feedback, source = self._feedback()
+        # no backward can follow a forward without grad mode: the rule's feedback is not needed
+        feedback, source = self._feedback() if torch.is_grad_enabled() else (None, None)
         dtype = autocast_dtype(x)
         if dtype is not None:
             x, *params = cast_all(dtype, x, *params)

@@ -1,5 +1,6 @@
 """manualbp.Linear: a drop-in for nn.Linear whose backward is written by hand."""
 
+import torch
 from torch import Tensor, nn
 
 from manualbp.activations import check_activation
@@ -65,7 +66,7 @@ class Linear(nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         W, b = self.weight, self.bias
-        B = None if self.rule == "backprop" else self._feedback()
+        B = None if self.rule == "backprop" or not torch.is_grad_enabled() else self._feedback()
         try:
             return _apply(input, W, b, self.activation, B)
         except Exception as error:  # checked only once F.linear has refused the input

@@ -16,7 +16,7 @@ Sign symmetry is the uSF variant of Liao, Leibo & Poggio (2016): every entry of 
 magnitude s. Ours is fixed when the layer is initialised, s = rms(W) = ||W||_F / sqrt(n_out n_in)
 of the initial W (so ||B||_F = ||W||_F then), rather than 1: without batch normalisation a
 magnitude of 1 scales the error by about 1/rms(W) per layer and training diverges. s lives in the
-`feedback` buffer itself (s = max |feedback|), so it is saved, loaded and moved with it.
+`feedback` buffer itself (every entry is +-s), so it is saved, loaded and moved with it.
 
 Each layer that needs one holds its matrix as `feedback`: a buffer (feedback alignment, sign
 symmetry, DFA) or, for Kolen-Pollack, a Parameter, because its update is the optimizer's (the
@@ -57,9 +57,21 @@ def draw_like_linear(shape, fan_in: int, like: Tensor) -> Tensor:
 
 def sign_feedback(W: Tensor, scale: Tensor | None = None) -> Tensor:
     """uSF: B = sign(W) * scale (default rms(W)), outside any graph (B is no function of W for
-    autograd)."""
+    autograd).
+
+    One pass over W (this runs every training forward): copysign, so an exactly zero weight
+    sends +-scale by the sign bit of its zero rather than 0, and every entry of B is +-scale.
+    """
     W = W.detach()
-    return W.sign() * (W.square().mean().sqrt() if scale is None else scale)
+    if scale is None:
+        scale = W.square().mean().sqrt()
+    return torch.copysign(scale.to(W.dtype) if isinstance(scale, Tensor) else
+                          torch.tensor(scale, dtype=W.dtype, device=W.device), W)
+
+
+def sign_scale(B: Tensor) -> Tensor:
+    """s of a sign-symmetry feedback matrix, whose every entry is +-s: one element read."""
+    return B.reshape(-1)[0].abs() if B.numel() else B.new_zeros(())
 
 
 def attach(layer: nn.Linear, rule: str, n_L: int | None = None) -> None:
@@ -105,7 +117,8 @@ def redraw(layer: nn.Module, init: str) -> None:
 def feedback_of(layer: nn.Module) -> Tensor | None:
     """The matrix layer's error goes down through this step: None for backprop (W itself).
 
-    Sign symmetry's B is sign(current W) * s, s = max |feedback| (fixed at initialisation); in
+    Sign symmetry's B is sign(current W) * s, s = |any entry of feedback| (fixed at
+    initialisation); in
     eager mode the `feedback` buffer is rebound to it (not written in place: an earlier forward
     may still have the old B saved for its backward), so it shows the B of the latest forward.
     """
@@ -113,7 +126,7 @@ def feedback_of(layer: nn.Module) -> Tensor | None:
     if rule == "backprop":
         return None
     if rule == "sign_symmetry":
-        B = sign_feedback(layer.weight, layer.feedback.abs().amax())
+        B = sign_feedback(layer.weight, sign_scale(layer.feedback))
         if not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
             layer._buffers["feedback"] = B
         return B

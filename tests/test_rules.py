@@ -14,7 +14,7 @@ from oracle import noncontiguous_randn
 from torch import nn
 
 import manualbp as mb
-from manualbp.rules import redraw, sign_feedback
+from manualbp.rules import redraw
 
 RULES = ["feedback_alignment", "sign_symmetry", "kolen_pollack"]  # per layer
 MLP_RULES = [*RULES, "direct_feedback_alignment"]
@@ -35,7 +35,7 @@ def g(name, z):
 
 def ss_B(layer, W):
     """Sign symmetry's B: sign of the current W, magnitude fixed in the buffer."""
-    return sign_feedback(W, layer.feedback.abs().amax())
+    return W.detach().sign() * layer.feedback.abs().amax()
 
 
 def layer_B(rule, layer, W, params):
