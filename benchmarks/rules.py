@@ -6,9 +6,10 @@ A step is a whole SGD training step (momentum 0.9, weight decay 1e-4): forward, 
 the recursion, every gradient, optimizer.step(); "pass only" leaves the optimizer out (for
 Kolen-Pollack the optimizer also steps B, as many numbers as W: the rule's own update).
 Paths: MLP.backprop (no graph), the MLP node (mlp.loss(x, y)[0].backward()) and per-layer
-mb.Linear layers in an nn.Sequential (no DFA there). Timing is step.py's: rounds interleave every variant in rotated order, and each
-rule's ratio is its median over backprop's median on the same path in the same rounds. The
-load average is recorded before and after: the machine may be shared.
+mb.Linear layers in an nn.Sequential (no DFA there). Timing is step.py's: rounds interleave
+every variant in rotated order, and each rule's ratio is its median over backprop's median on
+the same path in the same rounds. The load average is recorded before and after: the machine
+may be shared.
 """
 
 import argparse
