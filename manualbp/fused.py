@@ -171,7 +171,8 @@ class MLPFunction(Function):
         direct = ctx.source == rules.DIRECT
         grads, grad_x = backward_pass(
             grad_a, own, _rows(x), outs, zs, weights, plan(activations), (needs[0], *needs[4:]),
-            scratch, extra_a, extra_z, deltas, feedback, direct, bp_deltas)
+            scratch, extra_a, extra_z, deltas, feedback=feedback, direct=direct,
+            backprop_deltas=bp_deltas)
         if ctx.trace is not None:
             ctx.trace.delta = [d.detach().reshape(*lead, -1) for d in reversed(deltas)]
             ctx.trace.delta_backprop = [None if d is None else d.detach().reshape(*lead, -1)

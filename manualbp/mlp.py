@@ -115,13 +115,13 @@ class MLP(nn.Module):
             try:
                 if dtype is None:
                     grads, loss = self._backprop(x, target, params, activations, params,
-                                                 feedback, source)
+                                                 feedback=feedback, source=source)
                 else:
                     x, *weights = cast_all(dtype, x, *params)
                     fb = None if feedback is None else cast_all(dtype, *feedback)
                     with torch.autocast(x.device.type, enabled=False):
                         grads, loss = self._backprop(x, target, weights, activations, params,
-                                                     fb, source)
+                                                     feedback=fb, source=source)
             except IndexError as error:  # the loss kernel refused a class index
                 refused = error
             else:
