@@ -35,7 +35,7 @@ OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig):
     # Imported here so that a config typo is refused before torch and Lightning load.
     from manualbp.lit import RunInterrupted, train, user_message
 
@@ -70,6 +70,7 @@ def main(cfg: DictConfig) -> None:
         return
     if sweeping:
         _JOBS.append((job, result.metrics_line(), None))
+    return result  # the RunResult, for Hydra callbacks such as RulesTable
 
 
 def _sweep_summary() -> int:

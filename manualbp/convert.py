@@ -30,6 +30,7 @@ from manualbp.conv1d import (
     why_conv1d_misfits,
 )
 from manualbp.modules import Linear
+from manualbp.rules import DFA, attach, check_rule
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +85,15 @@ class ConversionReport:
 
 @overload
 def convert(
-    module: M, *, fuse: bool = ..., skip: Iterable[str] = ..., report: Literal[False] = ...
+    module: M, *, fuse: bool = ..., skip: Iterable[str] = ..., report: Literal[False] = ...,
+    rule: str = ...,
 ) -> M: ...
 @overload
 def convert(
-    module: M, *, fuse: bool = ..., skip: Iterable[str] = ..., report: Literal[True]
+    module: M, *, fuse: bool = ..., skip: Iterable[str] = ..., report: Literal[True],
+    rule: str = ...,
 ) -> tuple[M, ConversionReport]: ...
-def convert(module, *, fuse=True, skip=(), report=False):
+def convert(module, *, fuse=True, skip=(), report=False, rule="backprop"):
     """Swap every plain nn.Linear in module for manualbp.Linear, in place; fuse g where safe.
 
     Always in place (to keep the original, pass copy.deepcopy(module)); mb.unconvert undoes it.
@@ -128,6 +131,10 @@ def convert(module, *, fuse=True, skip=(), report=False):
         fuse: fuse Linear + activation pairs inside nn.Sequential (default True).
         skip: qualified names of submodules to leave as they are, e.g. ("lm_head",).
         report: also return the ConversionReport (default False).
+        rule: the learning rule of every converted layer (see manualbp.Linear and
+            manualbp.rules; default "backprop"). Each converted layer draws its own `feedback`,
+            in named_modules() order, from the torch seed. Direct feedback alignment needs an
+            mb.MLP and is refused here.
 
     Returns:
         module, or (module, ConversionReport) when report=True.
@@ -138,6 +145,12 @@ def convert(module, *, fuse=True, skip=(), report=False):
         raise TypeError(
             f"convert: expected an eager nn.Module, got {type(module).__name__}; "
             "convert before torch.jit.script"
+        )
+    rule = check_rule(rule, "convert")
+    if rule == DFA:
+        raise ValueError(
+            "convert: rule 'direct_feedback_alignment' needs one network whose hidden layers "
+            "all hear the output layer's error; use mb.MLP(sizes, rule='dfa'), or another rule"
         )
     rep = ConversionReport()
     modules = list(module.named_modules())  # each module once, by its first name, parents first
@@ -152,6 +165,7 @@ def convert(module, *, fuse=True, skip=(), report=False):
             activation, seq, slot = fusions.get(id(m), ("identity", None, None))
             m.__class__ = Linear  # same object: Parameters, hooks, mode all stay
             m.activation = activation
+            attach(m, rule)
             rep.converted.append(name)
             if seq is not None:
                 identity = nn.Identity()

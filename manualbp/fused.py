@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
+from manualbp import rules
 from manualbp.activations import ACTIVATIONS
 from manualbp.apply import forward_mode, with_jvp
 from manualbp.backprop import (
@@ -35,12 +36,15 @@ class Trace:
     """Records, detached, a[i] (in forward) and delta[i] = dL/dz[i] (in backward), i = 1..L.
 
     Pass one to MLP.forward(x, trace=...) in eager mode; a[0] is the first hidden layer, a[-1]
-    the output, and delta is in the same order once backward has run.
+    the output, and delta is in the same order once backward has run. Under a learning rule,
+    delta_backprop holds, in the same order, the delta[i] backprop's recursion through W would
+    have given on the same batch (computed in the same pass); it stays empty for backprop.
     """
 
     def __init__(self) -> None:
         self.a: list[Tensor] = []
         self.delta: list[Tensor] = []
+        self.delta_backprop: list[Tensor | None] = []
 
 
 _LAYOUTS: dict[tuple[str, ...], tuple] = {}
@@ -88,6 +92,8 @@ class MLPFunction(Function):
     extras: the hidden a[i] and the z[i] whose g' needs z, laid out by _layout. target: None, or
     class indices (m,) for the folded softmax cross-entropy (F.cross_entropy's, ignore_index
     -100), whose log yhat and mean loss are then appended.
+    A learning rule appends, after bL, one feedback matrix per layer and its source
+    (manualbp.rules.split): ..., WL, bL, B1, ..., BL, "per_layer" or ..., D1, ..., None, "direct".
     """
 
     generate_vmap_rule = True
@@ -95,6 +101,7 @@ class MLPFunction(Function):
     @staticmethod
     def forward(x, target, activations, trace, *params):
         lead = x.shape[:-1]
+        params = params[:2 * len(activations)]  # a rule's feedback serves backward only
         outs, zs = forward_pass(_rows(x), plan(activations), params)
         if trace is not None:
             trace.a = [a.detach().reshape(*lead, -1) for a in outs]
@@ -117,6 +124,7 @@ class MLPFunction(Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, target, activations, trace, *params = inputs
+        params, feedback, ctx.source = rules.split(len(activations), params)
         ctx.layout = layout = _layout(activations)
         ctx.activations = activations
         ctx.trace = trace
@@ -130,7 +138,7 @@ class MLPFunction(Function):
         weights = list(params[0::2])
         if not ctx.needs_input_grad[0]:
             weights[0] = None  # W[1] only serves dL/dx; under autocast it is a real copy
-        ctx.save_for_backward(x, target, *weights, *extras, *last, *log_yhat)
+        ctx.save_for_backward(x, target, *weights, *(feedback or ()), *extras, *last, *log_yhat)
         ctx.n_params = len(params)
         if forward_mode():
             ctx.save_for_forward(x, target, *params, *(output[:-1] if ctx.head else output))
@@ -171,6 +179,9 @@ class MLPFunction(Function):
         L = len(activations)
         x, target, *saved = ctx.saved_tensors
         weights, saved = saved[:L], saved[L:]
+        feedback = None
+        if ctx.source is not None:
+            feedback, saved = saved[:L], saved[L:]
         log_yhat = saved.pop() if ctx.head else None
         out = [saved.pop() if ctx.save_last else None, *saved]  # indexed as _layout says
         scratch = not torch.is_grad_enabled()  # no create_graph: our own temporaries may be reused
@@ -192,13 +203,26 @@ class MLPFunction(Function):
         extra_z = [None if z_idx is None else _rows_or_none(grad_out[z_idx])
                    for _, z_idx, _ in layout]
         deltas = [] if ctx.trace is not None else None
+        bp_deltas = [] if ctx.trace is not None and feedback is not None else None
+        direct = ctx.source == rules.DIRECT
         grads, grad_x = backward_pass(
             grad_a, own, _rows(x), outs, zs, weights, plan(activations), (needs[0], *needs[4:]),
-            scratch, extra_a, extra_z, deltas)
+            scratch, extra_a, extra_z, deltas, feedback=feedback, direct=direct,
+            backprop_deltas=bp_deltas)
         if ctx.trace is not None:
             ctx.trace.delta = [d.detach().reshape(*lead, -1) for d in reversed(deltas)]
+            ctx.trace.delta_backprop = [None if d is None else d.detach().reshape(*lead, -1)
+                                        for d in reversed(bp_deltas or [])]
         grad_x = grad_x.reshape(x.shape) if grad_x is not None and needs[0] else None
-        return (grad_x, None, None, None, *grads)
+        return (grad_x, None, None, None, *grads, *_rule_tail(ctx.source, L))
+
+
+def _rule_tail(source, L: int) -> tuple:
+    """The Nones a rule's trailing arguments get beyond what backward_pass returns: D[1..L]
+    (DFA's are fixed) and the source string."""
+    if source is None:
+        return ()
+    return (None,) * (L + 1) if source == rules.DIRECT else (None,)
 
 
 def _rows_or_none(t: Tensor | None) -> Tensor | None:
@@ -232,6 +256,7 @@ class MLPEagerFunction(Function):
     @staticmethod
     def forward(ctx, x, target, activations, *params):
         steps = plan(activations)
+        params, feedback, ctx.source = rules.split(len(steps), params)
         outs, zs = forward_pass(_rows(x), steps, params, inplace=True)
         a_L = outs[-1]
         logits = a_L if x.dim() == 2 else a_L.reshape(*x.shape[:-1], a_L.shape[-1])
@@ -240,12 +265,13 @@ class MLPEagerFunction(Function):
         last = steps[-1]
         if last.g is None or last.keeps_z:
             outs[-1] = None  # the output layer's g' does not read a[L]
+        feedback = feedback or ()
         if target is None:
-            ctx.save_for_backward(x, None, None, None, *params, *outs, *zs)
+            ctx.save_for_backward(x, None, None, None, *params, *outs, *zs, *feedback)
             return logits
         y = target.reshape(-1)
         log_yhat, loss, count = softmax_ce_forward(a_L, y)
-        ctx.save_for_backward(x, y, log_yhat, count, *params, *outs, *zs)
+        ctx.save_for_backward(x, y, log_yhat, count, *params, *outs, *zs, *feedback)
         return logits, loss
 
     @staticmethod
@@ -253,7 +279,8 @@ class MLPEagerFunction(Function):
         steps = ctx.steps
         L = len(steps)
         x, y, log_yhat, count, *saved = ctx.saved_tensors
-        params, outs, zs = saved[:2 * L], saved[2 * L:3 * L], saved[3 * L:]
+        params, outs, zs = saved[:2 * L], saved[2 * L:3 * L], saved[3 * L:4 * L]
+        feedback = saved[4 * L:] if ctx.source is not None else None
         needs = ctx.needs_input_grad
         x2 = _rows(x)
         scratch = not torch.is_grad_enabled()
@@ -268,8 +295,9 @@ class MLPEagerFunction(Function):
             delta_L = softmax_ce_delta(grad_loss, log_yhat, y, count)
             grad_a, own = (delta_L if grad_a is None else grad_a + delta_L), scratch
         if grad_a is None:
-            return (None,) * (3 + 2 * L)
+            return (None,) * len(needs)
         grads, grad_x = backward_pass(grad_a, own, x2, outs, zs, params[0::2], steps,
-                                      (needs[0], *needs[3:]), scratch)
+                                      (needs[0], *needs[3:]), scratch, feedback=feedback,
+                                      direct=ctx.source == rules.DIRECT)
         grad_x = grad_x.reshape(x.shape) if grad_x is not None and needs[0] else None
-        return (grad_x, None, None, *grads)
+        return (grad_x, None, None, *grads, *_rule_tail(ctx.source, L))

@@ -8,6 +8,8 @@ In torch's layout (W is (n_out, n_in), rows are examples) the layer's share of t
     grad_b      = sum(delta)              (n_out,)
     grad_a_prev = delta W                 (*, n_in)    = the layer below's grad_a
 
+A learning rule (manualbp.rules) changes only the last line: grad_a_prev = delta B, where B is
+the layer's feedback matrix (for Kolen-Pollack B also gets W's gradient, delta^T a_prev).
 The slides' 1/m is not here: it belongs to the loss and reaches us inside grad_a.
 """
 
@@ -46,12 +48,15 @@ class LinearActFunction(Function):
 
     Returns a alone when g' can be read off a (identity, sigmoid, tanh, relu, leaky_relu, elu),
     else (a, z): z is then a real output, saved as such, so double backward stays exact.
+    B: a feedback matrix shaped like W (a learning rule), or None (backprop); when B requires
+    grad (Kolen-Pollack) its gradient is grad_W.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str):
+    def forward(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str,
+                B: Tensor | None = None):
         z = torch.nn.functional.linear(a_prev, W, b)  # (*, n_out)
         act = ACTIVATIONS[activation]
         if act.g_prime is None:
@@ -61,12 +66,16 @@ class LinearActFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a_prev, W, _, activation = inputs
+        a_prev, W, _, activation, *rest = inputs
+        B = rest[0] if rest else None
         ctx.activation = activation
         ctx.set_materialize_grads(False)
-        # a_prev serves only grad_W and W only grad_a_prev; under autocast each is a real copy.
+        # a_prev serves only grad_W (and B's) and W (or B) only grad_a_prev; under autocast
+        # each is a real copy.
         need_a_prev, need_W = ctx.needs_input_grad[:2]
-        saved = [a_prev if need_W else None, W if need_a_prev else None]
+        need_W = need_W or _needs_B(ctx.needs_input_grad)
+        saved = [a_prev if need_W else None, W if need_a_prev and B is None else None,
+                 B if need_a_prev else None]
         if isinstance(output, tuple):
             saved.append(output[1])  # g' needs z
         elif ACTIVATIONS[activation].g_prime is not None:
@@ -74,12 +83,12 @@ class LinearActFunction(Function):
         ctx.save_for_backward(*saved)
         ctx.keeps_z = isinstance(output, tuple)
         if forward_mode():
-            ctx.save_for_forward(a_prev, W, saved[2] if len(saved) > 2 else None)
+            ctx.save_for_forward(a_prev, W, saved[3] if len(saved) > 3 else None)  # a or z
 
     @staticmethod
-    def _jvp(ctx, d_a_prev, d_W, d_b, _):
+    def _jvp(ctx, d_a_prev, d_W, d_b, _, *_d_B):
         """Forward mode, by hand like backward: dz = da_prev W^T + a_prev dW^T + db and
-        da = g'(z) dz, with g' read off a or z as in backward."""
+        da = g'(z) dz, with g' read off a or z as in backward (a rule's B plays no part)."""
         a_prev, W, t = ctx.saved_tensors
         dz = linear_tangent(a_prev, W, d_a_prev, d_W, d_b)
         act = ACTIVATIONS[ctx.activation]
@@ -88,7 +97,7 @@ class LinearActFunction(Function):
 
     @staticmethod
     def backward(ctx, grad_a: Tensor | None, grad_z: Tensor | None = None):
-        a_prev, W, *t = ctx.saved_tensors
+        a_prev, W, B, *t = ctx.saved_tensors
         if grad_a is None:
             delta = grad_z
         else:
@@ -96,8 +105,8 @@ class LinearActFunction(Function):
             if grad_z is not None:  # someone used z too
                 delta = delta + grad_z
         if delta is None:
-            return None, None, None, None
-        return (*layer_grads(delta, a_prev, W, ctx.needs_input_grad), None)
+            return None, None, None, None, None
+        return _with_B_grad(delta, a_prev, W, B, ctx.needs_input_grad)
 
 
 def linear_tangent(a_prev: Tensor, W: Tensor, d_a_prev: Tensor | None, d_W: Tensor | None,
@@ -114,7 +123,22 @@ def linear_tangent(a_prev: Tensor, W: Tensor, d_a_prev: Tensor | None, d_W: Tens
     return dz if d_b is None else dz + d_b
 
 
-def layer_grads(delta: Tensor, a_prev: Tensor | None, W: Tensor | None, needs):
+def _needs_B(needs) -> bool:
+    """Whether a per-layer Function's feedback matrix B (input 4) wants a gradient."""
+    return len(needs) > 4 and needs[4]
+
+
+def _with_B_grad(delta, a_prev, W, B, needs):
+    """The five gradients of (a_prev, W, b, activation, B): Kolen-Pollack's B gets grad_W."""
+    need_B = _needs_B(needs)
+    grad_a_prev, grad_W, grad_b = layer_grads(
+        delta, a_prev, W, (needs[0], needs[1] or need_B, needs[2]), feedback=B)
+    return (grad_a_prev, grad_W if needs[1] else None, grad_b, None,
+            grad_W if need_B else None)
+
+
+def layer_grads(delta: Tensor, a_prev: Tensor | None, W: Tensor | None, needs,
+                feedback: Tensor | None = None):
     """(grad_a_prev, grad_W, grad_b) from delta (*, n_out), each None where needs says so.
 
     The one per-layer step of every path (the per-layer Functions and backprop.backward_pass):
@@ -122,12 +146,15 @@ def layer_grads(delta: Tensor, a_prev: Tensor | None, W: Tensor | None, needs):
     (a_prev, delta) belong here, not in copies of it.
     needs: (a_prev, W, b) wanted, as ctx.needs_input_grad starts. Every leading dim is an
     example, so grad_W and grad_b sum over all of them.
+    feedback: the matrix B (shaped like W) a learning rule sends the error down through,
+    grad_a_prev = delta B; None sends it through W (backprop). W is not read then.
     """
     need_a_prev, need_W, need_b = needs[:3]
     grad_a_prev = grad_W = grad_b = None
     flat = delta.dim() == 2
     if need_a_prev:
-        grad_a_prev = delta.mm(W) if flat else delta.matmul(W)  # (*, n_in)
+        M = W if feedback is None else feedback  # the one line a learning rule changes
+        grad_a_prev = delta.mm(M) if flat else delta.matmul(M)  # (*, n_in)
     if need_W or need_b:
         delta_2d = delta if flat else delta.reshape(-1, delta.shape[-1])
         if need_W:
@@ -148,23 +175,27 @@ class LinearActEagerFunction(Function):
     """
 
     @staticmethod
-    def forward(ctx, a_prev, W, b, activation):
+    def forward(ctx, a_prev, W, b, activation, B=None):
         z = torch.nn.functional.linear(a_prev, W, b)  # (*, n_out)
-        need_a_prev, need_W = ctx.needs_input_grad[:2]
+        need_a_prev = ctx.needs_input_grad[0]
+        need_W = ctx.needs_input_grad[1] or _needs_B(ctx.needs_input_grad)
         ctx.activation = activation
+        down = (W, None) if B is None else (None, B)  # what grad_a_prev is formed with
+        if not need_a_prev:
+            down = (None, None)
         if activation == "identity":
-            ctx.save_for_backward(a_prev if need_W else None, W if need_a_prev else None, None)
+            ctx.save_for_backward(a_prev if need_W else None, *down, None)
             return z
         g = G_INPLACE.get(activation)
         a = g(z) if g is not None else ACTIVATIONS[activation].g(z)
-        ctx.save_for_backward(a_prev if need_W else None, W if need_a_prev else None, a)
+        ctx.save_for_backward(a_prev if need_W else None, *down, a)
         return a
 
     @staticmethod
     def backward(ctx, grad_a):
-        a_prev, W, a = ctx.saved_tensors
+        a_prev, W, B, a = ctx.saved_tensors
         delta = grad_a if a is None else delta_from(grad_a, a, ctx.activation)
-        return (*layer_grads(delta, a_prev, W, ctx.needs_input_grad), None)
+        return _with_B_grad(delta, a_prev, W, B, ctx.needs_input_grad)
 
 
 _eager_apply = c_apply(LinearActEagerFunction)
@@ -242,7 +273,8 @@ def _layout_name(t: Tensor) -> str:
 
 
 def linear_act(
-    input: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "identity"
+    input: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "identity",
+    feedback: Tensor | None = None,
 ) -> Tensor:
     """a = g(input @ weight.T + bias) with the hand-written backward of LinearActFunction.
 
@@ -251,6 +283,10 @@ def linear_act(
         weight: (out_features, in_features), as nn.Linear stores it.
         bias: (out_features,) or None.
         activation: a name in manualbp.ACTIVATIONS (default "identity").
+        feedback: a learning rule's B, shaped like weight: the error goes down as delta B
+            instead of delta W (feedback alignment: a fixed random B; sign symmetry:
+            manualbp.rules.sign_feedback(weight); Kolen-Pollack: a B that requires grad, which
+            then receives grad_W). None (default): backprop.
 
     Returns:
         a: (*, out_features).
@@ -262,17 +298,31 @@ def linear_act(
             f"got {tuple(weight.shape)}"
         )
     check_linear_args("linear_act", input, weight, bias)
-    return _apply(input, weight, bias, activation)
+    if feedback is not None:
+        check_feedback("linear_act", feedback, weight)
+    return _apply(input, weight, bias, activation, feedback)
 
 
-def _apply(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str) -> Tensor:
+def check_feedback(where: str, B: object, W: Tensor) -> None:
+    """Raise a clear error for a feedback matrix that cannot stand in for W."""
+    if not isinstance(B, Tensor):
+        raise TypeError(f"{where}: expected feedback to be a torch.Tensor, got {type(B).__name__}")
+    if B.shape != W.shape or B.dtype != W.dtype or B.device != W.device:
+        raise ValueError(
+            f"{where}: expected feedback shaped like the weight {tuple(W.shape)} ({W.dtype}, "
+            f"{W.device}), got {tuple(B.shape)} ({B.dtype}, {B.device})"
+        )
+
+
+def _apply(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str,
+           B: Tensor | None = None) -> Tensor:
     dtype = autocast_dtype(a_prev)
     if dtype is None:
         if ACTIVATIONS[activation].from_output and not tracing():
-            return _eager_apply(a_prev, W, b, activation)
-        out = apply(LinearActFunction, a_prev, W, b, activation)
+            return _eager_apply(a_prev, W, b, activation, B)
+        out = apply(LinearActFunction, a_prev, W, b, activation, B)
     else:
-        a_prev, W, b = cast_all(dtype, a_prev, W, b)
+        a_prev, W, b, B = cast_all(dtype, a_prev, W, b, B)
         with torch.autocast(a_prev.device.type, enabled=False):
-            out = apply(LinearActFunction, a_prev, W, b, activation)
+            out = apply(LinearActFunction, a_prev, W, b, activation, B)
     return out[0] if isinstance(out, tuple) else out

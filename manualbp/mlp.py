@@ -19,6 +19,7 @@ from manualbp.fused import MLPEagerFunction, MLPFunction, Trace
 from manualbp.linear import check_linear_args, check_real_weight
 from manualbp.loss_checks import check_mlp_target, explain_mlp_target
 from manualbp.modules import Linear
+from manualbp.rules import DFA, DIRECT, PER_LAYER, attach, check_rule, feedback_of
 
 _EAGER_DTYPES = (torch.float32, torch.float64)
 _eager_apply = c_apply(MLPEagerFunction)
@@ -37,23 +38,34 @@ class MLP(nn.Module):
         activation: name in manualbp.ACTIVATIONS for the hidden layers (default "relu").
         bias: give every layer a bias (default True).
         device, dtype: factory kwargs for the parameters.
+        rule: how the error goes down (manualbp.rules): "backprop" (default),
+            "feedback_alignment", "sign_symmetry", "kolen_pollack" (each layer's B replaces its
+            W; see manualbp.Linear) or "direct_feedback_alignment" ("dfa": each hidden layer i
+            gets delta[i] = (delta[L] D[i]) * g'(z[i]), D[i] a fixed random (n_L, n_i) buffer
+            `layers.{i}.feedback`). Every forward path and backprop() follow it.
 
     Attributes:
         layers: nn.ModuleList of L manualbp.Linear (state_dict keys layers.{i}.weight/.bias),
-            initialised exactly as nn.Linear would be under the same seed.
+            initialised exactly as nn.Linear would be under the same seed; a rule's feedback
+            matrices are drawn after all of them, so the weights are the same for every rule.
+        rule: the rule's full name.
     """
 
     def __init__(self, sizes, activation: str = "relu", bias: bool = True, device=None,
-                 dtype=None) -> None:
+                 dtype=None, rule: str = "backprop") -> None:
         super().__init__()
         sizes = _check_sizes(sizes)
         self.sizes = sizes
         self.activation = check_activation(activation, "MLP")
+        self.rule = rule = check_rule(rule, "MLP")
         acts = [activation] * (len(sizes) - 2) + ["identity"]
         self.layers = nn.ModuleList(
             Linear(n_in, n_out, bias=bias, activation=act, device=device, dtype=dtype)
             for n_in, n_out, act in zip(sizes[:-1], sizes[1:], acts, strict=True)
         )
+        L = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            attach(layer, rule, sizes[-1] if rule == DFA and i < L - 1 else None)
 
     def forward(self, x: Tensor, trace: Trace | None = None) -> Tensor:
         """Logits a[L], shape (*, n_L), for x of shape (*, n_0)."""
@@ -100,15 +112,19 @@ class MLP(nn.Module):
         target = check_mlp_target(x, target, "MLP.backprop")
         params, activations = self._flat()
         check_linear_args("MLP.backprop", x, params[0], params[1])
+        feedback, source = self._feedback()
         dtype = autocast_dtype(x)
         with torch.no_grad():
             try:
                 if dtype is None:
-                    grads, loss = self._backprop(x, target, params, activations, params)
+                    grads, loss = self._backprop(x, target, params, activations, params,
+                                                 feedback=feedback, source=source)
                 else:
                     x, *weights = cast_all(dtype, x, *params)
+                    fb = None if feedback is None else cast_all(dtype, *feedback)
                     with torch.autocast(x.device.type, enabled=False):
-                        grads, loss = self._backprop(x, target, weights, activations, params)
+                        grads, loss = self._backprop(x, target, weights, activations, params,
+                                                     feedback=fb, source=source)
             except IndexError as error:  # the loss kernel refused a class index
                 refused = error
             except RuntimeError as error:  # a layer's kernel refused: say which layer
@@ -119,6 +135,11 @@ class MLP(nn.Module):
         if refused is not None:
             explain_mlp_target("MLP.backprop", target, self.sizes[-1])  # say which, and why
             raise refused
+        if source == PER_LAYER:  # Kolen-Pollack's B get grad_W: give each its own tensor
+            L = len(activations)
+            params = params + list(feedback)
+            grads = grads[:2 * L] + [g if g is None or g is not grads[2 * i] else g.clone()
+                                     for i, g in enumerate(grads[2 * L:])]
         computed = []  # (weight computed by a parametrization, its gradient)
         for p, g in zip(params, grads, strict=True):  # .grad never requires grad: no graph
             if g is None:
@@ -145,9 +166,11 @@ class MLP(nn.Module):
             if g is not None:
                 _set_grad(q, g, accumulate)
 
-    def _backprop(self, x: Tensor, target: Tensor, weights, activations, params):
+    def _backprop(self, x: Tensor, target: Tensor, weights, activations, params,
+                  feedback=None, source=None):
         """(grads W1, b1, ..., loss) by the shared pass, in weights' dtype; no grad mode, no
-        autocast here. params: the parameters themselves, for which ones want a gradient."""
+        autocast here. params: the parameters themselves, for which ones want a gradient.
+        feedback, source: the rule's, as _feedback gives them (grads then as backward_pass's)."""
         steps = plan(activations)
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y = target.reshape(-1)
@@ -164,9 +187,24 @@ class MLP(nn.Module):
         if delta_L.dtype != dtype:
             delta_L = delta_L.to(dtype)
         needs = (False, *(p is not None and p.requires_grad for p in params))
+        if source == PER_LAYER:  # which B want a gradient (Kolen-Pollack's)
+            needs += tuple(isinstance(B, nn.Parameter) and B.requires_grad
+                           for B in self._own_feedback())
         grads, _ = backward_pass(delta_L, True, x2, outs, zs, weights[0::2], steps, needs,
-                                 scratch=True)
+                                 scratch=True, feedback=feedback, direct=source == DIRECT)
         return grads, loss
+
+    def _own_feedback(self) -> list:
+        return [layer._parameters.get("feedback", layer._buffers.get("feedback"))
+                for layer in self.layers]
+
+    def _feedback(self):
+        """(feedback matrix per layer, source) for the rule; (None, None) for backprop."""
+        if self.rule == "backprop":
+            return None, None
+        if self.rule == DFA:
+            return self._own_feedback(), DIRECT
+        return [feedback_of(layer) for layer in self.layers], PER_LAYER
 
     def _flat(self) -> tuple[list[Tensor | None], tuple[str, ...]]:
         """[W1, b1, ..., WL, bL] and the activation names, read from the layers each call."""
@@ -198,21 +236,27 @@ class MLP(nn.Module):
     def _run_checked(self, x, target, trace, params, activations):
         """(logits, loss or None) through the lean eager Function or, under torch.func,
         torch.compile, autocast or a Trace, through MLPFunction."""
+        # no backward can follow a forward without grad mode: the rule's feedback is not needed
+        feedback, source = self._feedback() if torch.is_grad_enabled() else (None, None)
         dtype = autocast_dtype(x)
+        if dtype is not None:
+            x, *params = cast_all(dtype, x, *params)
+            feedback = None if feedback is None else cast_all(dtype, *feedback)
+        rule_args = () if source is None else (*feedback, source)  # rules.split's layout
         if dtype is None and trace is None and x.dtype in _EAGER_DTYPES and not tracing():
-            out = _eager_apply(x, target, activations, *params)
+            out = _eager_apply(x, target, activations, *params, *rule_args)
             return (out, None) if target is None else out
         if dtype is None:
-            out = apply(MLPFunction, x, target, activations, trace, *params)
+            out = apply(MLPFunction, x, target, activations, trace, *params, *rule_args)
         else:
-            x, *params = cast_all(dtype, x, *params)
             with torch.autocast(x.device.type, enabled=False):
-                out = apply(MLPFunction, x, target, activations, trace, *params)
+                out = apply(MLPFunction, x, target, activations, trace, *params, *rule_args)
         # the folded loss is float32 under autocast already, like F.cross_entropy there
         return out[0], (out[-1] if target is not None else None)
 
     def extra_repr(self) -> str:
-        return f"sizes={self.sizes}, activation={self.activation}"
+        rule = "" if self.rule == "backprop" else f", rule={self.rule}"
+        return f"sizes={self.sizes}, activation={self.activation}{rule}"
 
 
 def check_layers(where: str, params: list[Tensor | None]) -> None:

@@ -214,6 +214,7 @@ def test_registry_names_every_module():
         "spirals",
         "mnist",
         "fashion_mnist",
+        "mnist1d",
         "csv",
     }
     assert all(cls.name == name for name, cls in DATAMODULES.items())

@@ -21,9 +21,11 @@ def _free_port() -> int:
 
 def _build(kind: str):
     torch.manual_seed(0)
+    kind, _, rule = kind.partition(":")  # e.g. "fused:kp": a learning rule (test_rules.py)
+    rule = rule or "backprop"
     if kind == "fused":
-        return mb.MLP([6, 8, 3], activation="tanh")
-    return nn.Sequential(mb.Linear(6, 8, activation="tanh"), mb.Linear(8, 3))
+        return mb.MLP([6, 8, 3], activation="tanh", rule=rule)
+    return nn.Sequential(mb.Linear(6, 8, activation="tanh", rule=rule), mb.Linear(8, 3, rule=rule))
 
 
 def _data():
@@ -50,7 +52,7 @@ def _worker(rank: int, world: int, port: int, kind: str, out: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["fused", "per_layer"])
+@pytest.mark.parametrize("kind", ["fused", "per_layer", "fused:kp", "per_layer:fa"])
 def test_ddp_two_cpu_processes_match_one_full_batch(kind, tmp_path):
     out = str(tmp_path / "grads.pt")
     mp.spawn(_worker, args=(2, _free_port(), kind, out), nprocs=2, join=True)

@@ -8,6 +8,7 @@ see :class:`TensorDataModule`. ``DATAMODULES`` maps each short name to its class
 from manualbp.data.base import TensorDataModule
 from manualbp.data.csv_file import CSVDataModule
 from manualbp.data.idx import FashionMNISTDataModule, MNISTDataModule, read_idx
+from manualbp.data.mnist1d import MNIST1DDataModule
 from manualbp.data.sklearn_sets import (
     BreastCancerDataModule,
     DigitsDataModule,
@@ -34,6 +35,7 @@ DATAMODULES: dict[str, type[TensorDataModule]] = {
         SpiralsDataModule,
         MNISTDataModule,
         FashionMNISTDataModule,
+        MNIST1DDataModule,
         CSVDataModule,
     )
 }
@@ -46,6 +48,7 @@ __all__ = [
     "DigitsDataModule",
     "FashionMNISTDataModule",
     "IrisDataModule",
+    "MNIST1DDataModule",
     "MNISTDataModule",
     "MoonsDataModule",
     "SpiralsDataModule",

@@ -4,6 +4,7 @@ Core manualbp imports torch only; everything that needs Lightning, Hydra or Tens
 here. `train(cfg)` is what `python train.py` calls; README.md ("Training") is the user's guide.
 """
 
+from manualbp.lit.alignment import RuleAlignment
 from manualbp.lit.boundary import DecisionBoundary
 from manualbp.lit.checkpoints import RunCheckpoint, RunInterrupted
 from manualbp.lit.ckpt_io import CheckpointError, WeightsOnlyCheckpointIO, read_checkpoint
@@ -28,6 +29,7 @@ __all__ = [
     "LitMLP",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
+    "RuleAlignment",
     "RunCheckpoint",
     "RunFolderError",
     "RunInterrupted",

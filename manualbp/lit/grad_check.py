@@ -66,6 +66,8 @@ class GradCheck(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         every = self.every_n_steps
+        if getattr(pl_module, "rule", "backprop") != "backprop":
+            return  # the reference is backprop's; RuleAlignment pictures how a rule differs
         if every > 0 and trainer.global_step % every == 0 and trainer.accumulate_grad_batches == 1:
             self._batch = batch
 

@@ -12,6 +12,7 @@ import manualbp as mb
 from manualbp.lit.ckpt_io import RUN_KEY
 from manualbp.lit.heads import head_loss, head_preds, head_probs, out_units, resolve_head
 from manualbp.lit.twin import build_twin, twin_forward
+from manualbp.rules import check_rule, redraw
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ def initialise(layers, init: str) -> None:
 
     "he": normal with std sqrt(2 / n_in), which keeps the size of ReLU signals (and deltas)
     from layer to layer; "xavier": std sqrt(2 / (n_in + n_out)), the usual start for sigmoid and
-    tanh.
+    tanh. A learning rule's random feedback matrices are redrawn the same way, after all the
+    weights (so the weights do not depend on the rule).
     """
     if init not in INITS:
         raise ValueError(f"model.init: expected one of {INITS}, got {init!r}")
@@ -37,6 +39,8 @@ def initialise(layers, init: str) -> None:
             nn.init.xavier_normal_(layer.weight)
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)
+    for layer in layers:
+        redraw(layer, init)
 
 
 def layer_sizes(num_features, num_classes, hidden_sizes, sizes, head) -> list[int]:
@@ -74,6 +78,9 @@ class LitMLP(L.LightningModule):
         sizes: all widths [n_0, ..., n_L]; None derives them from the data. Default: None.
         scheduler: optional callable taking `optimizer`, e.g. a partial of an LR scheduler.
         scheduler_monitor: metric a ReduceLROnPlateau-like scheduler watches. Default: val/loss.
+        rule: learning rule of the network (manualbp.rules: backprop, feedback_alignment,
+            sign_symmetry, kolen_pollack, direct_feedback_alignment or an alias); the manual
+            backend only. Default: "backprop".
 
     Attributes:
         net: the trained network (mb.MLP, or nn.Sequential for the autograd backend).
@@ -88,7 +95,8 @@ class LitMLP(L.LightningModule):
     def __init__(self, net, optimizer, num_features: int, num_classes: int,
                  task: str = "multiclass", hidden_sizes=(), activation: str = "relu",
                  backend: str = "manual", head: str = "auto", init: str = "torch", sizes=None,
-                 scheduler=None, scheduler_monitor: str = "val/loss") -> None:
+                 scheduler=None, scheduler_monitor: str = "val/loss",
+                 rule: str = "backprop") -> None:
         super().__init__()
         # Partials are kept out of the checkpoint: it must load with torch's weights_only.
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
@@ -98,8 +106,15 @@ class LitMLP(L.LightningModule):
         self.scheduler_factory = scheduler
         self.backend = backend
         self.head = resolve_head(head, task, num_classes)
+        self.rule = rule = check_rule(rule, "model.rule")
+        if rule != "backprop" and backend != "manual":
+            raise ValueError(
+                f"model.rule: expected backprop with backend={backend} (autograd can only "
+                f"backprop), got {rule!r}; use model.backend=manual for a learning rule"
+            )
+        rule_kw = {} if rule == "backprop" else {"rule": rule}
         mlp = net(sizes=layer_sizes(num_features, num_classes, hidden_sizes, sizes, self.head),
-                  activation=activation)
+                  activation=activation, **rule_kw)
         initialise(mlp.layers, init)
         self.activations = [layer.activation for layer in mlp.layers]
         self.net = mlp if backend == "manual" else build_twin(mlp)

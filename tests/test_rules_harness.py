@@ -1,0 +1,152 @@
+"""Learning rules in the harness: model.rule, the align/ panels, MNIST-1D, the results table."""
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import manualbp as mb
+from manualbp.lit import train
+from manualbp.lit.alignment import alignment_metrics, angle
+from manualbp.lit.rules_table import REFERENCE, RulesTable, render
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["callbacks=minimal", "trainer.num_sanity_val_steps=0", "data=digits",
+        "trainer.max_steps=6", "trainer.log_every_n_steps=2", "test=false"]
+
+
+def _scalars(folder) -> set[str]:
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+@pytest.mark.parametrize("rule", ["feedback_alignment", "sign_symmetry", "kolen_pollack", "dfa"])
+def test_every_rule_trains_and_draws_its_alignment(compose_train, tmp_path, rule):
+    result = train(compose_train(*TINY, f"model.rule={rule}"))
+    assert result.global_step == 6
+    scalars = _scalars(tmp_path)
+    assert {"align/delta_angle_1", "align/delta_angle_2"} <= scalars  # hidden layers [128, 64]
+    assert "align/delta_angle_3" not in scalars  # the output layer's delta is the loss's
+    if rule != "dfa":
+        assert {"align/BW_angle_1", "align/BW_norm_ratio_3"} <= scalars
+
+
+def test_backprop_draws_no_alignment(compose_train, tmp_path):
+    train(compose_train(*TINY))
+    assert not any(tag.startswith("align/") for tag in _scalars(tmp_path))
+
+
+def test_a_rule_needs_the_manual_backend(compose_train):
+    # Hydra wraps what LitMLP raises; the message is LitMLP's
+    with pytest.raises(InstantiationException,
+                       match="model.rule: expected backprop with backend=autograd"):
+        train(compose_train(*TINY, "model.rule=fa", "model.backend=autograd"))
+    with pytest.raises(InstantiationException, match="model.rule: unknown rule 'hebb'"):
+        train(compose_train(*TINY, "model.rule=hebb"))
+
+
+def test_alignment_metrics_measure_what_they_say():
+    torch.manual_seed(0)
+    mlp = mb.MLP([4, 6, 3], rule="fa")
+    x = torch.randn(5, 4)
+    trace = mb.Trace()
+    mlp(x, trace=trace).backward(torch.randn(5, 3))
+    metrics = alignment_metrics(list(mlp.layers), trace)
+    assert metrics["align/delta_angle_1"] == pytest.approx(
+        angle(trace.delta[0], trace.delta_backprop[0]))
+    assert 0 < metrics["align/delta_angle_1"] < 180
+    with torch.no_grad():
+        mlp.layers[0].feedback.copy_(2 * mlp.layers[0].weight)
+    metrics = alignment_metrics(list(mlp.layers), trace)
+    assert metrics["align/BW_angle_1"] == pytest.approx(0, abs=1e-4)
+    assert metrics["align/BW_norm_ratio_1"] == pytest.approx(2)
+    assert angle(torch.tensor([1.0, 0]), torch.tensor([0, 3.0])) == pytest.approx(90)
+
+
+def test_mnist1d_is_generated_offline_as_published(monkeypatch):
+    pytest.importorskip("mnist1d")
+    import mnist1d.data
+
+    from manualbp.data import MNIST1DDataModule
+    from manualbp.data import mnist1d as ours
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("MNIST-1D must never be downloaded")
+
+    monkeypatch.setattr(mnist1d.data, "get_dataset", no_download)
+    monkeypatch.setattr(mnist1d.data.requests, "get", no_download)
+    monkeypatch.setattr(ours, "_CACHE", {})
+    np.random.seed(123)
+    expected_next = np.random.rand()
+    np.random.seed(123)
+    published = MNIST1DDataModule(val_fraction=0)
+    assert np.random.rand() == expected_next  # numpy's global generator is left as it was
+    x, y = published.full_train_tensors()
+    assert x.shape == (4000, 40) and published.full_test_tensors()[0].shape == (1000, 40)
+    assert published.num_classes == 10 and torch.bincount(y).min() > 350
+    held_out = MNIST1DDataModule()  # default: 10% of train validates
+    assert len(held_out.full_train_tensors()[1]) == 3600
+    assert len(held_out.full_val_tensors()[1]) == 400
+    assert ours.checksum(ours.generate_mnist1d()) == ours.CHECKSUM
+
+
+def test_mnist1d_refuses_data_that_differ_from_the_published_set(monkeypatch):
+    pytest.importorskip("mnist1d")
+    import mnist1d.data
+
+    from manualbp.data import mnist1d as ours
+
+    monkeypatch.setattr(ours, "_CACHE", {})
+    fake = {k: np.zeros((2, 40) if k.startswith("x") else 2)
+            for k in ("x", "y", "x_test", "y_test")}
+    monkeypatch.setattr(mnist1d.data, "make_dataset", lambda args: fake)
+    with pytest.raises(RuntimeError, match="mnist1d: expected the published data set"):
+        ours.MNIST1DDataModule()
+
+
+def test_rules_table_gathers_a_sweep_into_one_file(tmp_path):
+    path = tmp_path / "out" / "rules.json"
+    table = RulesTable(str(path), protocol="p")
+    table.on_multirun_start(None)
+    for rule, seed, acc in [("backprop", 1, 0.67), ("backprop", 2, 0.69), ("dfa_x", 1, 0.5)]:
+        config = SimpleNamespace(model=SimpleNamespace(rule=rule), seed=seed)
+        done = SimpleNamespace(status=SimpleNamespace(name="COMPLETED"),
+                               return_value=SimpleNamespace(metrics={"test/acc": acc},
+                                                            global_step=10))
+        table.on_job_start(config)
+        table.on_job_end(config, done)
+    failed = SimpleNamespace(status=SimpleNamespace(name="FAILED"), return_value=None)
+    table.on_job_end(config, failed)
+    table.on_multirun_end(None)
+    data = json.loads(path.read_text())
+    assert len(data["runs"]) == 3
+    assert data["summary"]["backprop"]["mean"] == pytest.approx(68.0)
+    assert data["summary"]["backprop"]["reference"] == REFERENCE["backprop"]
+    assert "| backprop | 68.0% (1.4) | 2 | 67.3% | +0.7 |" in render(data)
+
+
+def test_readme_table_is_the_committed_results_file():
+    data = json.loads((ROOT / "results" / "rules_mnist1d.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- rules_mnist1d table -->\n(.*?)\n<!-- end -->", readme, re.S)
+    assert block is not None, "README.md lost its rules_mnist1d table markers"
+    assert block.group(1) == render(data)
+    assert len(data["runs"]) == 15 and {r["seed"] for r in data["runs"]} == {1, 2, 3}
+
+
+def test_the_rules_experiment_is_the_published_protocol(compose_train):
+    cfg = compose_train("experiment=rules_mnist1d")
+    assert cfg.data._target_.endswith("MNIST1DDataModule") and cfg.data.val_fraction == 0
+    assert cfg.model.hidden_sizes == [256, 256] and cfg.model.init == "he"
+    opt = cfg.model.optimizer
+    assert (opt._target_, opt.lr, opt.momentum, opt.weight_decay) == (
+        "torch.optim.SGD", 0.05, 0.9, 0.0001)
+    assert cfg.data.batch_size == 64 and cfg.trainer.max_epochs == 60
+    assert cfg.callbacks.model_checkpoint.monitor is None  # the last weights are tested
