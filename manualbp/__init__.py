@@ -14,6 +14,7 @@ from manualbp.losses import (
 )
 from manualbp.mlp import MLP
 from manualbp.modules import BCEWithLogitsLoss, CrossEntropyLoss, Linear, MSELoss
+from manualbp.per_example import PerExample, per_example
 
 __all__ = [
     "ACTIVATIONS",
@@ -29,12 +30,14 @@ __all__ = [
     "MLPFunction",
     "MSEFunction",
     "MSELoss",
+    "PerExample",
     "SigmoidBCEFunction",
     "SoftmaxCrossEntropyFunction",
     "Trace",
     "convert",
     "linear_act",
     "mse_loss",
+    "per_example",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",
 ]

@@ -89,7 +89,7 @@ def softmax_ce_delta(grad_loss: Tensor, log_yhat: Tensor, y: Tensor, count: Tens
 
 
 def backward_pass(grad_a: Tensor | None, own: bool, x: Tensor, outs, zs, weights, steps, needs,
-                  scratch: bool, extra_a=None, extra_z=None, deltas=None):
+                  scratch: bool, extra_a=None, extra_z=None, deltas=None, probes=None):
     """Every grad_W[i], grad_b[i] (as a flat list W1, b1, ...) and dL/dx, by the recursion.
 
     grad_a: dL/da[L] (m, n_L) or None; own: it is a temporary of ours, free to overwrite.
@@ -100,6 +100,7 @@ def backward_pass(grad_a: Tensor | None, own: bool, x: Tensor, outs, zs, weights
     scratch: no graph is being built (no create_graph), so our own temporaries may be reused.
     extra_a / extra_z: per layer, gradient arriving from outside at a[i] / z[i], or None.
     deltas: a list to receive each delta[i] (L first), for a Trace.
+    probes: per layer, a manualbp.per_example probe or None (see linear.layer_grads), or None.
     """
     L = len(steps)
     grads: list[Tensor | None] = [None] * (2 * L)
@@ -124,6 +125,7 @@ def backward_pass(grad_a: Tensor | None, own: bool, x: Tensor, outs, zs, weights
         # the one per-layer step every path shares: grad_W = delta^T a_prev, grad_b = sum(delta),
         # dL/da[i-1] = delta W
         grad_a, grads[2 * i], grads[2 * i + 1] = layer_grads(
-            delta, a_prev, weights[i], (i > 0 or needs[0], needs[1 + 2 * i], needs[2 + 2 * i]))
+            delta, a_prev, weights[i], (i > 0 or needs[0], needs[1 + 2 * i], needs[2 + 2 * i]),
+            None if probes is None else probes[i])
         own = scratch
     return grads, grad_a

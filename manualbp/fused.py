@@ -82,6 +82,8 @@ class MLPFunction(Function):
     ..., WL, bL).
 
     activations: one name per layer (MLP passes identity for the last). Biases may be None.
+    trace: a Trace, or manualbp.per_example's probes for this node (an object with a
+    `probes` list, one per layer, that backward hands to the pass), or None.
     extras: the hidden a[i] and the z[i] whose g' needs z, laid out by _layout. target: None, or
     class indices (m,) for the folded softmax cross-entropy (F.cross_entropy's, ignore_index
     -100), whose log yhat and mean loss are then appended.
@@ -93,7 +95,7 @@ class MLPFunction(Function):
     def forward(x, target, activations, trace, *params):
         lead = x.shape[:-1]
         outs, zs = forward_pass(_rows(x), plan(activations), params)
-        if trace is not None:
+        if isinstance(trace, Trace):
             trace.a = [a.detach().reshape(*lead, -1) for a in outs]
         extras: list[Tensor] = []
         for i, (a, z) in enumerate(zip(outs, zs, strict=True)):
@@ -116,7 +118,8 @@ class MLPFunction(Function):
         x, target, activations, trace, *params = inputs
         ctx.layout = layout = _layout(activations)
         ctx.activations = activations
-        ctx.trace = trace
+        ctx.trace = trace if isinstance(trace, Trace) else None
+        ctx.probes = None if trace is None or ctx.trace is not None else trace.probes
         ctx.set_materialize_grads(False)
         ctx.head = target is not None
         extras = output[1:-2] if ctx.head else output[1:]
@@ -158,7 +161,7 @@ class MLPFunction(Function):
         deltas = [] if ctx.trace is not None else None
         grads, grad_x = backward_pass(
             grad_a, own, _rows(x), outs, zs, weights, plan(activations), (needs[0], *needs[4:]),
-            scratch, extra_a, extra_z, deltas)
+            scratch, extra_a, extra_z, deltas, ctx.probes)
         if ctx.trace is not None:
             ctx.trace.delta = [d.detach().reshape(*lead, -1) for d in reversed(deltas)]
         grad_x = grad_x.reshape(x.shape) if grad_x is not None and needs[0] else None

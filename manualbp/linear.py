@@ -42,7 +42,7 @@ class LinearActFunction(Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str):
+    def forward(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str, probe=None):
         z = torch.nn.functional.linear(a_prev, W, b)  # (*, n_out)
         act = ACTIVATIONS[activation]
         if act.g_prime is None:
@@ -52,8 +52,10 @@ class LinearActFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a_prev, W, _, activation = inputs
+        a_prev, W, _, activation, *probe = inputs  # probe: manualbp.per_example's, optional
         ctx.activation = activation
+        ctx.probe = probe[0] if probe else None
+        ctx.n_extra = 1 + len(probe)  # non-tensor inputs after b, each gets a None gradient
         ctx.set_materialize_grads(False)
         # a_prev serves only grad_W and W only grad_a_prev; under autocast each is a real copy.
         need_a_prev, need_W = ctx.needs_input_grad[:2]
@@ -74,11 +76,12 @@ class LinearActFunction(Function):
             if grad_z is not None:  # someone used z too
                 delta = delta + grad_z
         if delta is None:
-            return None, None, None, None
-        return (*layer_grads(delta, a_prev, W, ctx.needs_input_grad), None)
+            return (None,) * (3 + ctx.n_extra)
+        grads = layer_grads(delta, a_prev, W, ctx.needs_input_grad, ctx.probe)
+        return (*grads, *(None,) * ctx.n_extra)
 
 
-def layer_grads(delta: Tensor, a_prev: Tensor | None, W: Tensor | None, needs):
+def layer_grads(delta: Tensor, a_prev: Tensor | None, W: Tensor | None, needs, probe=None):
     """(grad_a_prev, grad_W, grad_b) from delta (*, n_out), each None where needs says so.
 
     The one per-layer step of every path (the per-layer Functions and backprop.backward_pass):
@@ -86,8 +89,13 @@ def layer_grads(delta: Tensor, a_prev: Tensor | None, W: Tensor | None, needs):
     (a_prev, delta) belong here, not in copies of it.
     needs: (a_prev, W, b) wanted, as ctx.needs_input_grad starts. Every leading dim is an
     example, so grad_W and grad_b sum over all of them.
+    probe: a manualbp.per_example layer probe, or None. probe(delta, a_prev) takes this
+    layer's per-example share; when it returns True (DP-SGD clipping) the probe forms grad_W
+    and grad_b itself once every layer's norm is known, so they are not formed here.
     """
     need_a_prev, need_W, need_b = needs[:3]
+    if probe is not None and probe(delta, a_prev):
+        need_W = need_b = False
     grad_a_prev = grad_W = grad_b = None
     flat = delta.dim() == 2
     if need_a_prev:
@@ -190,14 +198,16 @@ def linear_act(
     return _apply(input, weight, bias, activation)
 
 
-def _apply(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str) -> Tensor:
+def _apply(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str, probe=None) -> Tensor:
+    """probe: a manualbp.per_example layer probe (then always LinearActFunction), or None."""
+    extra = (activation,) if probe is None else (activation, probe)
     dtype = autocast_dtype(a_prev)
     if dtype is None:
-        if ACTIVATIONS[activation].from_output and not tracing():
+        if probe is None and ACTIVATIONS[activation].from_output and not tracing():
             return _eager_apply(a_prev, W, b, activation)
-        out = apply(LinearActFunction, a_prev, W, b, activation)
+        out = apply(LinearActFunction, a_prev, W, b, *extra)
     else:
         a_prev, W, b = cast_all(dtype, a_prev, W, b)
         with torch.autocast(a_prev.device.type, enabled=False):
-            out = apply(LinearActFunction, a_prev, W, b, activation)
+            out = apply(LinearActFunction, a_prev, W, b, *extra)
     return out[0] if isinstance(out, tuple) else out

@@ -16,6 +16,7 @@ from manualbp.fused import MLPEagerFunction, MLPFunction, Trace
 from manualbp.linear import check_linear_args
 from manualbp.loss_checks import check_mlp_target, explain_mlp_target
 from manualbp.modules import Linear
+from manualbp.per_example import active
 
 _EAGER_DTYPES = (torch.float32, torch.float64)
 _eager_apply = c_apply(MLPEagerFunction)
@@ -98,14 +99,18 @@ class MLP(nn.Module):
         params, activations = self._flat()
         check_linear_args("MLP.backprop", x, params[0], params[1])
         dtype = autocast_dtype(x)
+        pe = active()  # a per_example block: the pass hands each layer's share to its probe
+        node = None if pe is None else pe.node_probes(self.layers, x, traced_ok=True)
+        probes = None if node is None else node.probes
         with torch.no_grad():
             try:
                 if dtype is None:
-                    grads, loss = self._backprop(x, target, params, activations, params)
+                    grads, loss = self._backprop(x, target, params, activations, params, probes)
                 else:
                     x, *weights = cast_all(dtype, x, *params)
                     with torch.autocast(x.device.type, enabled=False):
-                        grads, loss = self._backprop(x, target, weights, activations, params)
+                        grads, loss = self._backprop(x, target, weights, activations, params,
+                                                     probes)
             except IndexError as error:  # the loss kernel refused a class index
                 refused = error
             else:
@@ -113,8 +118,11 @@ class MLP(nn.Module):
         if refused is not None:
             explain_mlp_target("MLP.backprop", target, self.sizes[-1])  # say which, and why
             raise refused
+        clipped = probes is not None and pe.clip  # the block forms their .grad when it exits
         for p, g in zip(params, grads, strict=True):  # .grad never requires grad: no graph
             if g is None:
+                if clipped and not accumulate and p is not None and p.requires_grad:
+                    p.grad = None  # replaced, as accumulate=False says, by the block's
                 continue
             if g.dtype != p.dtype:
                 g = g.to(p.dtype)
@@ -124,9 +132,10 @@ class MLP(nn.Module):
                 p.grad.add_(g)
         return loss
 
-    def _backprop(self, x: Tensor, target: Tensor, weights, activations, params):
+    def _backprop(self, x: Tensor, target: Tensor, weights, activations, params, probes=None):
         """(grads W1, b1, ..., loss) by the shared pass, in weights' dtype; no grad mode, no
-        autocast here. params: the parameters themselves, for which ones want a gradient."""
+        autocast here. params: the parameters themselves, for which ones want a gradient;
+        probes: per layer, a per_example probe or None."""
         steps = plan(activations)
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y = target.reshape(-1)
@@ -144,7 +153,7 @@ class MLP(nn.Module):
             delta_L = delta_L.to(dtype)
         needs = (False, *(p is not None and p.requires_grad for p in params))
         grads, _ = backward_pass(delta_L, True, x2, outs, zs, weights[0::2], steps, needs,
-                                 scratch=True)
+                                 scratch=True, probes=probes)
         return grads, loss
 
     def _flat(self) -> tuple[list[Tensor | None], tuple[str, ...]]:
@@ -165,6 +174,13 @@ class MLP(nn.Module):
         params, activations = self._flat()
         check_linear_args("MLP", x, params[0], params[1])
         dtype = autocast_dtype(x)
+        pe = active()
+        if pe is not None:  # a per_example block: its probes ride in the trace slot
+            probes = pe.node_probes(self.layers, x)
+            if probes is not None and trace is not None:
+                raise ValueError("MLP: a Trace inside a per_example block is not supported; "
+                                 "the block's probes take the trace slot, so use one or the other")
+            trace = trace if probes is None else probes
         if dtype is None and trace is None and x.dtype in _EAGER_DTYPES and not tracing():
             out = _eager_apply(x, target, activations, *params)
             return (out, None) if target is None else out

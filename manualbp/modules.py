@@ -5,6 +5,7 @@ from torch import Tensor, nn
 from manualbp.activations import check_activation
 from manualbp.linear import _apply, check_linear_args
 from manualbp.losses import mse_loss, sigmoid_binary_cross_entropy, softmax_cross_entropy
+from manualbp.per_example import _ACTIVE
 
 
 class Linear(nn.Linear):
@@ -44,8 +45,9 @@ class Linear(nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         W, b = self.weight, self.bias
+        probe = _ACTIVE[0].probe(self, input, W, b) if _ACTIVE else None  # per_example block
         try:
-            return _apply(input, W, b, self.activation)
+            return _apply(input, W, b, self.activation, probe)
         except Exception as error:  # checked only once F.linear has refused the input
             refused = error
         check_linear_args("Linear", input, W, b)  # says plainly what is wrong with the input
