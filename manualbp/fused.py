@@ -82,8 +82,8 @@ class MLPFunction(Function):
     ..., WL, bL).
 
     activations: one name per layer (MLP passes identity for the last). Biases may be None.
-    trace: a Trace, or manualbp.per_example's probes for this node (an object with a
-    `probes` list, one per layer, that backward hands to the pass), or None.
+    trace: a Trace, or None, or manualbp.per_example's probes for this node (an object with a
+    `probes` list, one per layer, that backward hands to the pass, and a `trace`).
     extras: the hidden a[i] and the z[i] whose g' needs z, laid out by _layout. target: None, or
     class indices (m,) for the folded softmax cross-entropy (F.cross_entropy's, ignore_index
     -100), whose log yhat and mean loss are then appended.
@@ -93,9 +93,10 @@ class MLPFunction(Function):
 
     @staticmethod
     def forward(x, target, activations, trace, *params):
+        trace = _trace_and_probes(trace)[0]
         lead = x.shape[:-1]
         outs, zs = forward_pass(_rows(x), plan(activations), params)
-        if isinstance(trace, Trace):
+        if trace is not None:
             trace.a = [a.detach().reshape(*lead, -1) for a in outs]
         extras: list[Tensor] = []
         for i, (a, z) in enumerate(zip(outs, zs, strict=True)):
@@ -118,8 +119,7 @@ class MLPFunction(Function):
         x, target, activations, trace, *params = inputs
         ctx.layout = layout = _layout(activations)
         ctx.activations = activations
-        ctx.trace = trace if isinstance(trace, Trace) else None
-        ctx.probes = None if trace is None or ctx.trace is not None else trace.probes
+        ctx.trace, ctx.probes = _trace_and_probes(trace)
         ctx.set_materialize_grads(False)
         ctx.head = target is not None
         extras = output[1:-2] if ctx.head else output[1:]
@@ -166,6 +166,12 @@ class MLPFunction(Function):
             ctx.trace.delta = [d.detach().reshape(*lead, -1) for d in reversed(deltas)]
         grad_x = grad_x.reshape(x.shape) if grad_x is not None and needs[0] else None
         return (grad_x, None, None, None, *grads)
+
+
+def _trace_and_probes(trace):
+    """(Trace or None, per-layer per_example probes or None) from MLPFunction's trace slot."""
+    probes = getattr(trace, "probes", None)
+    return (trace, None) if probes is None else (trace.trace, probes)
 
 
 def _rows_or_none(t: Tensor | None) -> Tensor | None:

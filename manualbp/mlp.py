@@ -177,10 +177,8 @@ class MLP(nn.Module):
         pe = active()
         if pe is not None:  # a per_example block: its probes ride in the trace slot
             probes = pe.node_probes(self.layers, x)
-            if probes is not None and trace is not None:
-                raise ValueError("MLP: a Trace inside a per_example block is not supported; "
-                                 "the block's probes take the trace slot, so use one or the other")
-            trace = trace if probes is None else probes
+            if probes is not None:
+                probes.trace, trace = trace, probes
         if dtype is None and trace is None and x.dtype in _EAGER_DTYPES and not tracing():
             out = _eager_apply(x, target, activations, *params)
             return (out, None) if target is None else out

@@ -45,12 +45,13 @@ class _Call:
 
 
 class _NodeProbes:
-    """The probes of one MLP node's layers, handed to MLPFunction in its trace slot."""
+    """The probes of one MLP node's layers (and the caller's Trace), in MLPFunction's trace
+    slot."""
 
-    __slots__ = ("probes",)
+    __slots__ = ("probes", "trace")
 
-    def __init__(self, probes) -> None:
-        self.probes = probes
+    def __init__(self, probes, trace=None) -> None:
+        self.probes, self.trace = probes, trace
 
 
 class PerExample:

@@ -5,17 +5,21 @@ here. `train(cfg)` is what `python train.py` calls; README.md ("Training") is th
 """
 
 from manualbp.lit.boundary import DecisionBoundary
+from manualbp.lit.dp import DPSGD
 from manualbp.lit.embedding import HiddenEmbedding
 from manualbp.lit.errors import user_message
 from manualbp.lit.grad_check import GradCheck
+from manualbp.lit.grad_noise import GradNoisePanels
 from manualbp.lit.layer_stats import LayerStatsMonitor
 from manualbp.lit.module import LitMLP
 from manualbp.lit.nonfinite import NonFiniteLossError, NonFiniteLossGuard
 from manualbp.lit.runner import RunResult, train
 
 __all__ = [
+    "DPSGD",
     "DecisionBoundary",
     "GradCheck",
+    "GradNoisePanels",
     "HiddenEmbedding",
     "LayerStatsMonitor",
     "LitMLP",

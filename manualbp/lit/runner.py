@@ -58,7 +58,10 @@ def train(cfg: DictConfig) -> RunResult:
                         num_classes=datamodule.num_classes, task=datamodule.task,
                         _convert_="all")
     log.info("model (%s backward, %s head):\n%s", model.backend, model.head, model.net)
-    trainer = instantiate(cfg.trainer, callbacks=_instantiate_group(cfg, "callbacks"),
+    callbacks = _instantiate_group(cfg, "callbacks")
+    if cfg.get("dp") is not None:  # dp=sgd: DP-SGD's clip, noise and accountant, last
+        callbacks.append(instantiate(cfg.dp))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks,
                           logger=_instantiate_group(cfg, "logger") or False)
     hp_names = (f"hp/val_{model.metric_name}_best", f"hp/test_{model.metric_name}")
     _log_hyperparameters(cfg, trainer, datamodule, model, hp_names)
