@@ -167,6 +167,9 @@ class PerExample:
                 f"per_example: expected every layer to see the same batch (dim 0), got sizes "
                 f"{got}; one batch per block")
         shares = _group(calls, batch)
+        for c in self._calls:  # the shares hold what is still needed; drop the rest
+            c.delta = c.a_prev = None
+        del calls
         scale = float(batch) if self.reduction == "mean" else 1.0  # g_n from the delta's share
         sq = {}
         for key, (_, kind, D, A) in shares.items():
@@ -180,8 +183,7 @@ class PerExample:
                 g = torch.bmm(D.transpose(1, 2), A) if kind == "W" else D.sum(1)
                 p.grad_sample = g * scale  # (B, *p.shape): example n's own gradient
         if self.clip:
-            for p, g in _clipped(shares, self.norms, self.max_norm):
-                _accumulate(p, g, self._ddp)
+            _clipped(shares, self.norms, self.max_norm, self._ddp)
 
 
 def _group(calls, batch):
@@ -204,14 +206,18 @@ def _group(calls, batch):
     return out
 
 
-def _clipped(shares, norms: Tensor, max_norm: float):
-    """(param, sum_n c_n delta_n^T a_n) with c_n = min(1, C / (norm_n + 1e-6)): each example's
-    delta re-weighted before the one GEMM the backward skipped."""
+def _clipped(shares, norms: Tensor, max_norm: float, ddp: bool) -> None:
+    """Add sum_n c_n delta_n^T a_n, c_n = min(1, C / (norm_n + 1e-6)), to each p.grad: each
+    example's delta re-weighted before the one GEMM the backward skipped. Last layer first,
+    each share freed once used, so the widest gradients are formed with the least held."""
     c = (max_norm / (norms + _EPS)).clamp(max=1.0)
-    for p, kind, D, A in shares.values():
-        Dc = D * c.to(D.dtype)[:, None, None]
-        rows = Dc.reshape(-1, Dc.shape[-1])  # (B T, n_out)
-        yield p, (rows.t().mm(A.reshape(-1, A.shape[-1])) if kind == "W" else rows.sum(0))
+    for key in reversed(list(shares)):
+        p, kind, D, A = shares.pop(key)
+        rows = (D * c.to(D.dtype)[:, None, None]).reshape(-1, D.shape[-1])  # (B T, n_out)
+        del D
+        g = rows.t().mm(A.reshape(-1, A.shape[-1])) if kind == "W" else rows.sum(0)
+        del rows, A
+        _accumulate(p, g, ddp)
 
 
 def _sq_norm(D: Tensor, A: Tensor) -> Tensor:

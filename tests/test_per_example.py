@@ -259,12 +259,13 @@ def test_a_broken_clip_fails_the_oracle(monkeypatch):
     # clip after summing (scale the batch gradient by its own norm) instead of per example
     pe_module = sys.modules["manualbp.per_example"]  # mb.per_example is the function
 
-    def clip_after_sum(shares, norms, max_norm):
+    def clip_after_sum(shares, norms, max_norm, ddp):
         grads = [(p, D.reshape(-1, D.shape[-1]).t().mm(A.reshape(-1, A.shape[-1]))
                   if kind == "W" else D.sum((0, 1))) for p, kind, D, A in shares.values()]
         total = torch.stack([g.square().sum() for _, g in grads]).sum().sqrt() * norms.shape[0]
         c = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        return [(p, g * c) for p, g in grads]
+        for p, g in grads:
+            pe_module._accumulate(p, g * c, ddp)
 
     model = mb.MLP(SIZES, activation="tanh", dtype=torch.float64)
     twin = twin_of(model)
