@@ -27,9 +27,8 @@ import json
 import os
 import platform
 import sys
-from pathlib import Path
-
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -244,7 +243,7 @@ def errors(fns, names):
         norms, clipped = read()
         err = {}
         if norms is not None:
-            err["norms"] = float(((norms - ref_norms).abs().max() / ref_norms.abs().max()))
+            err["norms"] = float((norms - ref_norms).abs().max() / ref_norms.abs().max())
         if name.startswith("clip/") and clipped is not None:
             err["clip"] = max(float((g - r).abs().max() / r.abs().max())
                               for g, r in zip(clipped, ref_clip, strict=True))
@@ -333,7 +332,8 @@ def main(argv=None):
     out = args.out or ROOT / "results" / f"per-example-cpu-{args.threads}thread-{stamp}.json"
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), platform.processor())
-    results = {"machine": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    results = {"machine": {"date": now,
                            "cpu": cpu, "torch": torch.__version__, "threads": args.threads,
                            "loadavg_start": os.getloadavg()[0]},
                "rounds": args.rounds, "configs": []}

@@ -1,5 +1,6 @@
 """manualbp: PyTorch layers whose backward pass is the lecture's delta recursion, by hand."""
 
+from manualbp import dp  # DP-SGD glue: noise, Poisson batches, Opacus's accountant
 from manualbp.activations import ACTIVATIONS, Activation
 from manualbp.convert import ConversionReport, convert
 from manualbp.fused import MLPEagerFunction, MLPFunction, Trace
@@ -35,6 +36,7 @@ __all__ = [
     "SoftmaxCrossEntropyFunction",
     "Trace",
     "convert",
+    "dp",
     "linear_act",
     "mse_loss",
     "per_example",

@@ -4,9 +4,9 @@ Every N steps the training step runs inside mb.per_example(net) (norms only: .gr
 plain batch gradient), which gives each example's gradient norm ||g_n|| at no extra pass.
 With G the batch gradient (the mean of the g_n) and B the batch size:
 
-    tr(Sigma) ~ S   = B / (B - 1) (mean_n ||g_n||^2 - ||G||^2)    per-example gradient variance
-    |G_true|^2 ~ G2 = ||G||^2 - S / B                             (unbiased: E||G||^2 = |G|^2 + tr/B)
-    B_simple        = S / G2                                      (McCandlish et al. 2018)
+    tr(Sigma) ~ S   = B / (B - 1) (mean_n ||g_n||^2 - ||G||^2)   per-example variance
+    |G_true|^2 ~ G2 = ||G||^2 - S / B                    (unbiased: E||G||^2 = |G|^2 + tr / B)
+    B_simple        = S / G2                                     (McCandlish et al. 2018)
 
 Logged: the histogram per_example/grad_norm and the scalar per_example/noise_scale (B_simple,
 when G2 > 0). B_simple is the batch size past which a larger batch buys little: well below the
