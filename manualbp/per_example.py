@@ -40,8 +40,12 @@ class _Call:
         self.a_prev = self.delta = None
 
     def __call__(self, delta: Tensor, a_prev: Tensor | None) -> bool:
-        self.delta, self.a_prev = delta.detach(), None if a_prev is None else a_prev.detach()
+        self.delta, self.a_prev = _detached(delta), _detached(a_prev)
         return self.clip  # clipping: the block forms grad_W, grad_b at exit
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return t.detach() if t is not None and t.requires_grad else t  # under create_graph only
 
 
 class _NodeProbes:
@@ -98,7 +102,9 @@ class PerExample:
         self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self._no_sync = None
         self.norms: Tensor | None = None
-        self.norms_by_param: dict[str, Tensor] = {}
+        self._sq: dict[int, tuple] | None = None
+        self._by_param: dict[str, Tensor] | None = None
+        self._scale = 1.0
 
     # -- what the layers call while the block is open --------------------------------------
     def probe(self, layer: nn.Module, a_prev: Tensor, W: Tensor, b: Tensor | None,
@@ -170,52 +176,89 @@ class PerExample:
         for c in self._calls:  # the shares hold what is still needed; drop the rest
             c.delta = c.a_prev = None
         del calls
-        scale = float(batch) if self.reduction == "mean" else 1.0  # g_n from the delta's share
-        sq = {}
-        for key, (_, kind, D, A) in shares.items():
-            s = _sq_norm(D, A) if kind == "W" else D.sum(1).square().sum(1)
-            sq[key] = s * scale**2
-        total = torch.stack(list(sq.values())).sum(0)
-        self.norms = total.sqrt()
-        self.norms_by_param = {self._names[key]: s.sqrt() for key, s in sq.items()}
+        total, parts = _sq_norms(shares)
+        self._scale = float(batch) if self.reduction == "mean" else 1.0  # g_n = scale * share
+        self._sq, self._by_param = parts, None
+        self.norms = total.sqrt().mul_(self._scale)
         if self.grads:
             for p, kind, D, A in shares.values():
-                g = torch.bmm(D.transpose(1, 2), A) if kind == "W" else D.sum(1)
-                p.grad_sample = g * scale  # (B, *p.shape): example n's own gradient
+                D3 = D.reshape(batch, -1, D.shape[-1])
+                g = torch.bmm(D3.transpose(1, 2), A.reshape(batch, -1, A.shape[-1])) \
+                    if kind == "W" else D3.sum(1)
+                p.grad_sample = g * self._scale  # (B, *p.shape): example n's own gradient
         if self.clip:
             _clipped(shares, self.norms, self.max_norm, self._ddp)
 
+    @property
+    def norms_by_param(self) -> dict[str, Tensor]:
+        """{parameter name: (B,)} each example's gradient norm for that parameter alone."""
+        if self._by_param is None:
+            self._by_param = {self._names[key]: (t.sqrt() if squared else t.abs()) * self._scale
+                              for key, (t, squared) in (self._sq or {}).items()}
+        return self._by_param
+
 
 def _group(calls, batch):
-    """id(param) -> (param, "W" or "b", D (B, T, n_out), A (B, T, n_in) or None), every call of
+    """id(param) -> (param, "W" or "b", D, A or None). A parameter with one 2-D call keeps
+    D (B, n_out) and A (B, n_in); otherwise D is (B, T, n_out) and A (B, T, n_in), every call of
     the same parameter stacked along T (a reused layer adds rows to each example)."""
     parts: dict[int, tuple] = {}
     for c in calls:
-        D = c.delta.reshape(batch, -1, c.delta.shape[-1])
         if c.W is not None:
-            _, _, Ds, As = parts.setdefault(id(c.W), (c.W, "W", [], []))
-            Ds.append(D)
-            As.append(c.a_prev.reshape(batch, -1, c.a_prev.shape[-1]))
+            parts.setdefault(id(c.W), (c.W, "W", [], []))[2].append(c)
         if c.b is not None:
-            parts.setdefault(id(c.b), (c.b, "b", [], []))[2].append(D)
+            parts.setdefault(id(c.b), (c.b, "b", [], []))[2].append(c)
     out = {}
-    for key, (p, kind, Ds, As) in parts.items():
-        D = Ds[0] if len(Ds) == 1 else torch.cat(Ds, 1)
-        A = None if kind == "b" else (As[0] if len(As) == 1 else torch.cat(As, 1))
-        out[key] = (p, kind, D, A)
+    for key, (p, kind, cs, _) in parts.items():
+        if len(cs) == 1 and cs[0].delta.dim() == 2 and cs[0].delta.shape[0] == batch:
+            D, A = cs[0].delta, cs[0].a_prev
+        else:
+            D = torch.cat([c.delta.reshape(batch, -1, c.delta.shape[-1]) for c in cs], 1)
+            A = torch.cat([c.a_prev.reshape(batch, -1, c.a_prev.shape[-1]) for c in cs], 1) \
+                if kind == "W" else None
+        out[key] = (p, kind, D, A if kind == "W" else None)
     return out
+
+
+def _sq_norms(shares) -> tuple[Tensor, dict[int, tuple]]:
+    """(B,) the total squared norm of each example's share, and per parameter how to get its
+    own: (t,) for ||t_n||^2. For a 2-D layer ||delta_n a_n^T|| = ||delta_n|| ||a_n||, so two
+    row norms serve both W and b."""
+    rows: dict[int, Tensor] = {}  # id(delta) -> ||delta_n||, shared by a layer's W and b
+    parts, total = {}, None
+    for key, (_, kind, D, A) in shares.items():
+        if D.dim() == 2:
+            d = rows.get(id(D))
+            if d is None:
+                d = rows[id(D)] = torch.linalg.vector_norm(D, dim=1)
+            t = d * torch.linalg.vector_norm(A, dim=1) if kind == "W" else d
+            total = t * t if total is None else total.addcmul_(t, t)
+            parts[key] = (t, False)
+        else:
+            sq = _sq_norm(D, A) if kind == "W" else D.sum(1).square().sum(1)
+            total = sq.clone() if total is None else total.add_(sq)
+            parts[key] = (sq, True)
+    return total, parts
 
 
 def _clipped(shares, norms: Tensor, max_norm: float, ddp: bool) -> None:
     """Add sum_n c_n delta_n^T a_n, c_n = min(1, C / (norm_n + 1e-6)), to each p.grad: each
     example's delta re-weighted before the one GEMM the backward skipped. Last layer first,
     each share freed once used, so the widest gradients are formed with the least held."""
-    c = (max_norm / (norms + _EPS)).clamp(max=1.0)
+    c = (max_norm / (norms + _EPS)).clamp_(max=1.0)
+    weighted: dict[int, tuple] = {}  # id(delta) -> (delta, c * delta), for a layer's b and W
     for key in reversed(list(shares)):
         p, kind, D, A = shares.pop(key)
-        rows = (D * c.to(D.dtype)[:, None, None]).reshape(-1, D.shape[-1])  # (B T, n_out)
+        _, rows = weighted.pop(id(D), (None, None))
+        if rows is None:
+            cd = c.to(D.dtype)
+            rows = (D * (cd[:, None] if D.dim() == 2 else cd[:, None, None])).reshape(
+                -1, D.shape[-1])  # (B T, n_out)
+            if kind == "b":  # its W comes next; D held so that its id stays its own
+                weighted[id(D)] = (D, rows)
         del D
-        g = rows.t().mm(A.reshape(-1, A.shape[-1])) if kind == "W" else rows.sum(0)
+        g = rows.t().mm(A if A.dim() == 2 else A.reshape(-1, A.shape[-1])) if kind == "W" \
+            else rows.sum(0)
         del rows, A
         _accumulate(p, g, ddp)
 
