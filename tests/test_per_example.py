@@ -276,3 +276,21 @@ def test_a_broken_clip_fails_the_oracle(monkeypatch):
     monkeypatch.setattr(pe_module, "_clipped", clip_after_sum)
     with pytest.raises(AssertionError):
         check(model, lambda m: m.backprop(x, y), twin, x, y, ce_per_example, "mean", 0.2)
+
+
+@pytest.mark.parametrize("path", ["per_layer", "mlp_node", "backprop"])
+def test_grad_sample_is_each_examples_gradient(path):
+    model = linear_stack("tanh") if path == "per_layer" else mb.MLP(
+        SIZES, activation="tanh", dtype=torch.float64)
+    twin = twin_of(model)
+    x, G, y = data((3,))
+    if path == "backprop":
+        g = oracle(twin, x, ce_per_example, y)
+        run = lambda m: m.backprop(x, y)  # noqa: E731
+    else:
+        g = oracle(twin, x, lambda out, G_n: (out * G_n).sum(), G)
+        run = lambda m: weighted("mean")(m(x), G).backward()  # noqa: E731
+    with mb.per_example(model, grads=True):
+        run(model)
+    for i, p in enumerate(model.parameters()):
+        torch.testing.assert_close(p.grad_sample, g[i], **TOL)
