@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test train test-fast lint bench clean
+.PHONY: test train test-fast lint bench bench-dp clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ lint: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/run.py $(ARGS)
+
+# Per-example norms / DP-SGD against Opacus, BackPACK and vmap. The peers are benchmark-only: this
+# step installs them (torch pinned, so nothing pulls another torch); ARGS=--digits runs the
+# DP-SGD digits comparison instead.
+bench-dp: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" "opacus>=1.5" "backpack-for-pytorch>=1.7"
+	$(BIN)/python benchmarks/$(if $(filter --digits,$(ARGS)),dp_digits.py $(filter-out --digits,$(ARGS)),per_example.py $(ARGS))
 
 clean:
 	rm -rf $(VENV) logs outputs multirun .pytest_cache

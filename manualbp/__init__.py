@@ -1,5 +1,6 @@
 """manualbp: PyTorch layers whose backward pass is the lecture's delta recursion, by hand."""
 
+from manualbp import dp  # DP-SGD glue: noise, Poisson batches, Opacus's accountant
 from manualbp.activations import ACTIVATIONS, Activation
 from manualbp.convert import ConversionReport, convert
 from manualbp.fused import MLPEagerFunction, MLPFunction, Trace
@@ -15,6 +16,7 @@ from manualbp.losses import (
 from manualbp.mlp import MLP
 from manualbp.modules import BCEWithLogitsLoss, CrossEntropyLoss, Linear, MSELoss
 from manualbp.unconvert import unconvert
+from manualbp.per_example import PerExample, per_example
 
 __all__ = [
     "ACTIVATIONS",
@@ -30,12 +32,15 @@ __all__ = [
     "MLPFunction",
     "MSEFunction",
     "MSELoss",
+    "PerExample",
     "SigmoidBCEFunction",
     "SoftmaxCrossEntropyFunction",
     "Trace",
     "convert",
+    "dp",
     "linear_act",
     "mse_loss",
+    "per_example",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",
     "unconvert",

@@ -92,8 +92,8 @@ def softmax_ce_delta(grad_loss: Tensor, log_yhat: Tensor, y: Tensor, count: Tens
 
 
 def backward_pass(grad_a: Tensor | None, own: bool, x: Tensor, outs, zs, weights, steps, needs,
-                  scratch: bool, extra_a=None, extra_z=None, deltas=None, feedback=None,
-                  direct: bool = False, backprop_deltas=None):
+                  scratch: bool, extra_a=None, extra_z=None, deltas=None, probes=None,
+                  feedback=None, direct: bool = False, backprop_deltas=None):
     """Every grad_W[i], grad_b[i] (as a flat list W1, b1, ...) and dL/dx, by the recursion.
 
     grad_a: dL/da[L] (m, n_L) or None; own: it is a temporary of ours, free to overwrite.
@@ -104,6 +104,7 @@ def backward_pass(grad_a: Tensor | None, own: bool, x: Tensor, outs, zs, weights
     scratch: no graph is being built (no create_graph), so our own temporaries may be reused.
     extra_a / extra_z: per layer, gradient arriving from outside at a[i] / z[i], or None.
     deltas: a list to receive each delta[i] (L first), for a Trace.
+    probes: per layer, a manualbp.per_example probe or None (see linear.layer_grads), or None.
     feedback: a learning rule's matrix per layer (None: backprop, W throughout).
         direct=False: B[i] shaped like W[i]; dL/da[i-1] = delta[i] B[i]. needs then also holds,
         after the 2L parameters, whether each B[i] wants a gradient (Kolen-Pollack's is
@@ -151,7 +152,8 @@ def backward_pass(grad_a: Tensor | None, own: bool, x: Tensor, outs, zs, weights
         # dL/da[i-1] = delta W (or delta B[i] under a rule)
         grad_a, grad_W, grads[2 * i + 1] = layer_grads(
             delta, a_prev, weights[i], (need_down, needs[1 + 2 * i] or need_B, needs[2 + 2 * i]),
-            feedback=feedback[i] if per_layer else None)
+            feedback=feedback[i] if per_layer else None,
+            probe=None if probes is None else probes[i])
         grads[2 * i] = grad_W if needs[1 + 2 * i] else None
         if need_B:
             grads[2 * L + i] = grad_W  # Kolen-Pollack: B gets W's update

@@ -89,6 +89,8 @@ class MLPFunction(Function):
     ..., WL, bL).
 
     activations: one name per layer (MLP passes identity for the last). Biases may be None.
+    trace: a Trace, or None, or manualbp.per_example's probes for this node (an object with a
+    `probes` list, one per layer, that backward hands to the pass, and a `trace`).
     extras: the hidden a[i] and the z[i] whose g' needs z, laid out by _layout. target: None, or
     class indices (m,) for the folded softmax cross-entropy (F.cross_entropy's, ignore_index
     -100), whose log yhat and mean loss are then appended.
@@ -100,6 +102,7 @@ class MLPFunction(Function):
 
     @staticmethod
     def forward(x, target, activations, trace, *params):
+        trace = _trace_and_probes(trace)[0]
         lead = x.shape[:-1]
         params = params[:2 * len(activations)]  # a rule's feedback serves backward only
         outs, zs = forward_pass(_rows(x), plan(activations), params)
@@ -127,7 +130,7 @@ class MLPFunction(Function):
         params, feedback, ctx.source = rules.split(len(activations), params)
         ctx.layout = layout = _layout(activations)
         ctx.activations = activations
-        ctx.trace = trace
+        ctx.trace, ctx.probes = _trace_and_probes(trace)
         ctx.set_materialize_grads(False)
         ctx.head = target is not None
         extras = output[1:-2] if ctx.head else output[1:]
@@ -207,7 +210,7 @@ class MLPFunction(Function):
         direct = ctx.source == rules.DIRECT
         grads, grad_x = backward_pass(
             grad_a, own, _rows(x), outs, zs, weights, plan(activations), (needs[0], *needs[4:]),
-            scratch, extra_a, extra_z, deltas, feedback=feedback, direct=direct,
+            scratch, extra_a, extra_z, deltas, ctx.probes, feedback=feedback, direct=direct,
             backprop_deltas=bp_deltas)
         if ctx.trace is not None:
             ctx.trace.delta = [d.detach().reshape(*lead, -1) for d in reversed(deltas)]
@@ -223,6 +226,12 @@ def _rule_tail(source, L: int) -> tuple:
     if source is None:
         return ()
     return (None,) * (L + 1) if source == rules.DIRECT else (None,)
+
+
+def _trace_and_probes(trace):
+    """(Trace or None, per-layer per_example probes or None) from MLPFunction's trace slot."""
+    probes = getattr(trace, "probes", None)
+    return (trace, None) if probes is None else (trace.trace, probes)
 
 
 def _rows_or_none(t: Tensor | None) -> Tensor | None:

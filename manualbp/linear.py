@@ -56,7 +56,7 @@ class LinearActFunction(Function):
 
     @staticmethod
     def forward(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str,
-                B: Tensor | None = None):
+                B: Tensor | None = None, probe=None):
         z = torch.nn.functional.linear(a_prev, W, b)  # (*, n_out)
         act = ACTIVATIONS[activation]
         if act.g_prime is None:
@@ -68,6 +68,7 @@ class LinearActFunction(Function):
     def setup_context(ctx, inputs, output):
         a_prev, W, _, activation, *rest = inputs
         B = rest[0] if rest else None
+        ctx.probe = rest[1] if len(rest) > 1 else None  # manualbp.per_example's
         ctx.activation = activation
         ctx.set_materialize_grads(False)
         # a_prev serves only grad_W (and B's) and W (or B) only grad_a_prev; under autocast
@@ -105,8 +106,9 @@ class LinearActFunction(Function):
             if grad_z is not None:  # someone used z too
                 delta = delta + grad_z
         if delta is None:
-            return None, None, None, None, None
-        return _with_B_grad(delta, a_prev, W, B, ctx.needs_input_grad)
+            return (None,) * len(ctx.needs_input_grad)
+        grads = _with_B_grad(delta, a_prev, W, B, ctx.needs_input_grad, ctx.probe)
+        return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))  # the probe's
 
 
 def linear_tangent(a_prev: Tensor, W: Tensor, d_a_prev: Tensor | None, d_W: Tensor | None,
@@ -128,17 +130,17 @@ def _needs_B(needs) -> bool:
     return len(needs) > 4 and needs[4]
 
 
-def _with_B_grad(delta, a_prev, W, B, needs):
+def _with_B_grad(delta, a_prev, W, B, needs, probe=None):
     """The five gradients of (a_prev, W, b, activation, B): Kolen-Pollack's B gets grad_W."""
     need_B = _needs_B(needs)
     grad_a_prev, grad_W, grad_b = layer_grads(
-        delta, a_prev, W, (needs[0], needs[1] or need_B, needs[2]), feedback=B)
+        delta, a_prev, W, (needs[0], needs[1] or need_B, needs[2]), feedback=B, probe=probe)
     return (grad_a_prev, grad_W if needs[1] else None, grad_b, None,
             grad_W if need_B else None)
 
 
 def layer_grads(delta: Tensor, a_prev: Tensor | None, W: Tensor | None, needs,
-                feedback: Tensor | None = None):
+                feedback: Tensor | None = None, probe=None):
     """(grad_a_prev, grad_W, grad_b) from delta (*, n_out), each None where needs says so.
 
     The one per-layer step of every path (the per-layer Functions and backprop.backward_pass):
@@ -148,8 +150,13 @@ def layer_grads(delta: Tensor, a_prev: Tensor | None, W: Tensor | None, needs,
     example, so grad_W and grad_b sum over all of them.
     feedback: the matrix B (shaped like W) a learning rule sends the error down through,
     grad_a_prev = delta B; None sends it through W (backprop). W is not read then.
+    probe: a manualbp.per_example layer probe, or None. probe(delta, a_prev) takes this
+    layer's per-example share; when it returns True (DP-SGD clipping) the probe forms grad_W
+    and grad_b itself once every layer's norm is known, so they are not formed here.
     """
     need_a_prev, need_W, need_b = needs[:3]
+    if probe is not None and probe(delta, a_prev):
+        need_W = need_b = False
     grad_a_prev = grad_W = grad_b = None
     flat = delta.dim() == 2
     if need_a_prev:
@@ -303,26 +310,18 @@ def linear_act(
     return _apply(input, weight, bias, activation, feedback)
 
 
-def check_feedback(where: str, B: object, W: Tensor) -> None:
-    """Raise a clear error for a feedback matrix that cannot stand in for W."""
-    if not isinstance(B, Tensor):
-        raise TypeError(f"{where}: expected feedback to be a torch.Tensor, got {type(B).__name__}")
-    if B.shape != W.shape or B.dtype != W.dtype or B.device != W.device:
-        raise ValueError(
-            f"{where}: expected feedback shaped like the weight {tuple(W.shape)} ({W.dtype}, "
-            f"{W.device}), got {tuple(B.shape)} ({B.dtype}, {B.device})"
-        )
-
-
 def _apply(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str,
-           B: Tensor | None = None) -> Tensor:
+           B: Tensor | None = None, probe=None) -> Tensor:
+    """B: a rule's feedback matrix or None; probe: a manualbp.per_example layer probe (then
+    always LinearActFunction), or None."""
+    extra = (activation, B) if probe is None else (activation, B, probe)
     dtype = autocast_dtype(a_prev)
     if dtype is None:
-        if ACTIVATIONS[activation].from_output and not tracing():
+        if probe is None and ACTIVATIONS[activation].from_output and not tracing():
             return _eager_apply(a_prev, W, b, activation, B)
-        out = apply(LinearActFunction, a_prev, W, b, activation, B)
+        out = apply(LinearActFunction, a_prev, W, b, *extra)
     else:
         a_prev, W, b, B = cast_all(dtype, a_prev, W, b, B)
         with torch.autocast(a_prev.device.type, enabled=False):
-            out = apply(LinearActFunction, a_prev, W, b, activation, B)
+            out = apply(LinearActFunction, a_prev, W, b, *extra)
     return out[0] if isinstance(out, tuple) else out

@@ -20,6 +20,7 @@ from manualbp.linear import check_linear_args, check_real_weight
 from manualbp.loss_checks import check_mlp_target, explain_mlp_target
 from manualbp.modules import Linear
 from manualbp.rules import DFA, DIRECT, PER_LAYER, attach, check_rule, feedback_of
+from manualbp.per_example import active
 
 _EAGER_DTYPES = (torch.float32, torch.float64)
 _eager_apply = c_apply(MLPEagerFunction)
@@ -114,17 +115,20 @@ class MLP(nn.Module):
         check_linear_args("MLP.backprop", x, params[0], params[1])
         feedback, source = self._feedback()
         dtype = autocast_dtype(x)
+        pe = active()  # a per_example block: the pass hands each layer's share to its probe
+        node = None if pe is None else pe.node_probes(self.layers, x, traced_ok=True)
+        probes = None if node is None else node.probes
         with torch.no_grad():
             try:
                 if dtype is None:
                     grads, loss = self._backprop(x, target, params, activations, params,
-                                                 feedback=feedback, source=source)
+                                                 probes, feedback=feedback, source=source)
                 else:
                     x, *weights = cast_all(dtype, x, *params)
                     fb = None if feedback is None else cast_all(dtype, *feedback)
                     with torch.autocast(x.device.type, enabled=False):
                         grads, loss = self._backprop(x, target, weights, activations, params,
-                                                     feedback=fb, source=source)
+                                                     probes, feedback=fb, source=source)
             except IndexError as error:  # the loss kernel refused a class index
                 refused = error
             except RuntimeError as error:  # a layer's kernel refused: say which layer
@@ -141,8 +145,11 @@ class MLP(nn.Module):
             grads = grads[:2 * L] + [g if g is None or g is not grads[2 * i] else g.clone()
                                      for i, g in enumerate(grads[2 * L:])]
         computed = []  # (weight computed by a parametrization, its gradient)
+        clipped = probes is not None and pe.clip  # the block forms their .grad when it exits
         for p, g in zip(params, grads, strict=True):  # .grad never requires grad: no graph
             if g is None:
+                if clipped and not accumulate and p is not None and p.requires_grad:
+                    p.grad = None  # replaced, as accumulate=False says, by the block's
                 continue
             if g.dtype != p.dtype:
                 g = g.to(p.dtype)
@@ -167,10 +174,11 @@ class MLP(nn.Module):
                 _set_grad(q, g, accumulate)
 
     def _backprop(self, x: Tensor, target: Tensor, weights, activations, params,
-                  feedback=None, source=None):
+                  probes=None, feedback=None, source=None):
         """(grads W1, b1, ..., loss) by the shared pass, in weights' dtype; no grad mode, no
         autocast here. params: the parameters themselves, for which ones want a gradient.
-        feedback, source: the rule's, as _feedback gives them (grads then as backward_pass's)."""
+        probes: per layer, a per_example probe or None; feedback, source: the rule's, as
+        _feedback gives them (grads then as backward_pass's)."""
         steps = plan(activations)
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y = target.reshape(-1)
@@ -191,7 +199,8 @@ class MLP(nn.Module):
             needs += tuple(isinstance(B, nn.Parameter) and B.requires_grad
                            for B in self._own_feedback())
         grads, _ = backward_pass(delta_L, True, x2, outs, zs, weights[0::2], steps, needs,
-                                 scratch=True, feedback=feedback, direct=source == DIRECT)
+                                 scratch=True, probes=probes, feedback=feedback,
+                                 direct=source == DIRECT)
         return grads, loss
 
     def _own_feedback(self) -> list:
@@ -243,6 +252,11 @@ class MLP(nn.Module):
             x, *params = cast_all(dtype, x, *params)
             feedback = None if feedback is None else cast_all(dtype, *feedback)
         rule_args = () if source is None else (*feedback, source)  # rules.split's layout
+        pe = active()
+        if pe is not None:  # a per_example block: its probes ride in the trace slot
+            probes = pe.node_probes(self.layers, x)
+            if probes is not None:
+                probes.trace, trace = trace, probes
         if dtype is None and trace is None and x.dtype in _EAGER_DTYPES and not tracing():
             out = _eager_apply(x, target, activations, *params, *rule_args)
             return (out, None) if target is None else out

@@ -9,6 +9,7 @@ from manualbp.activations import check_activation
 from manualbp.linear import _apply, check_linear_args
 from manualbp.losses import mse_loss, sigmoid_binary_cross_entropy, softmax_cross_entropy
 from manualbp.rules import DFA, attach, check_rule, feedback_of
+from manualbp.per_example import _ACTIVE
 
 
 class Linear(nn.Linear):
@@ -80,8 +81,9 @@ class Linear(nn.Linear):
             # F.linear runs on these, and the backward would be wrong or fail deep: refuse here
             check_linear_args("Linear", input, W, b)
         B = None if self.rule == "backprop" or not torch.is_grad_enabled() else self._feedback()
+        probe = _ACTIVE[0].probe(self, input, W, b) if _ACTIVE else None  # per_example block
         try:
-            return _apply(input, W, b, self.activation, B)
+            return _apply(input, W, b, self.activation, B, probe)
         except Exception as error:  # checked only once F.linear has refused the input
             refused = error
         check_linear_args("Linear", input, W, b)  # says plainly what is wrong with the input

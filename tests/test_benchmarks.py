@@ -37,3 +37,24 @@ def test_quick_benchmark_runs_and_its_checks_hold(tmp_path):
             assert variants[name]["saved"]["new"] <= variants["autograd"]["saved"]["new"]
             assert variants[name]["step"]["median_s"] > 0
     assert out.with_suffix(".md").read_text().startswith("Machine:")
+
+
+@pytest.mark.slow
+def test_per_example_benchmark_runs_and_its_checks_hold(tmp_path):
+    out = tmp_path / "pe.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "per_example.py"), "--tiny",
+                    "--out", str(out)], check=True, cwd=ROOT, capture_output=True, text=True,
+                   timeout=300)
+    result = json.loads(out.read_text())
+    assert [c["label"] for c in result["configs"]] == ["20-16-16-5 b8", "block d16 T4 b4"]
+    for config in result["configs"]:
+        mine = [n for n in config["ratio"] if n.split("/")[-1] in ("per_layer", "mlp",
+                                                                    "backprop")]
+        assert mine and all(config["ratio"][n] > 0 for n in mine)
+        for name in mine:  # float32 against vmap(grad)
+            assert config["errors"][name]["norms"] <= 1e-5, (name, config["label"])
+            if name.startswith("clip/"):
+                assert config["errors"][name]["clip"] <= 1e-5, (name, config["label"])
+    memory = result["configs"][0]["memory"]
+    for name in ("clip/per_layer", "clip/mlp", "clip/backprop"):
+        assert memory[name]["extra_bytes"] <= memory["bound_bytes"], name

@@ -129,6 +129,7 @@ class TensorDataModule(L.LightningDataModule):
         self.standardize = standardize
         self.class_names: list[str] | None = None
         self.feature_names: list[str] | None = None
+        self.poisson_rate: float | None = None  # set by DP-SGD: Poisson-sampled train batches
 
     def _check_fractions(self, with_test: bool) -> None:
         val, test = self.val_fraction, self.test_fraction if with_test else 0.0
@@ -219,7 +220,13 @@ class TensorDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled anew each epoch by EpochSampler (seeded by the run's torch seed)."""
+        if self.poisson_rate is not None:  # DP-SGD: each row joins each batch with prob. q
+            from manualbp.dp import PoissonBatches
+
+            sampler = PoissonBatches(len(self._train), self.poisson_rate)
+            return DataLoader(self._train, batch_sampler=sampler, num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0)
+        # else shuffled anew each epoch by EpochSampler (seeded by the run's torch seed)
         return ResumableLoader(self._train, self, batch_size=self.batch_size,
                                num_workers=self.num_workers,
                                persistent_workers=self.num_workers > 0)

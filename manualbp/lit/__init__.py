@@ -8,9 +8,11 @@ from manualbp.lit.alignment import RuleAlignment
 from manualbp.lit.boundary import DecisionBoundary
 from manualbp.lit.checkpoints import RunCheckpoint, RunInterrupted
 from manualbp.lit.ckpt_io import CheckpointError, WeightsOnlyCheckpointIO, read_checkpoint
+from manualbp.lit.dp import DPSGD
 from manualbp.lit.embedding import HiddenEmbedding
 from manualbp.lit.errors import user_message
 from manualbp.lit.grad_check import GradCheck
+from manualbp.lit.grad_noise import GradNoisePanels
 from manualbp.lit.layer_stats import LayerStatsMonitor
 from manualbp.lit.module import LitMLP
 from manualbp.lit.nonfinite import NonFiniteLossError, NonFiniteLossGuard
@@ -21,9 +23,11 @@ from manualbp.lit.runner import RunResult, train
 
 __all__ = [
     "CheckpointError",
+    "DPSGD",
     "DecisionBoundary",
     "EpochLine",
     "GradCheck",
+    "GradNoisePanels",
     "HiddenEmbedding",
     "LayerStatsMonitor",
     "LitMLP",

@@ -157,7 +157,9 @@ class LitMLP(L.LightningModule):
         loss = head_loss(self.head, logits, y, manual=self.backend == "manual")
         return loss, head_preds(self.head, logits), y
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch, batch_idx: int) -> Tensor | None:
+        if batch[0].shape[0] == 0:  # an empty Poisson-sampled batch (DP-SGD): no step
+            return None
         loss, preds, y = self.model_step(batch, self.trace)
         self.train_metric(preds, y)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)

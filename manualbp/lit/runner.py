@@ -91,6 +91,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> RunResult:
     model.run_config = {key: OmegaConf.to_container(cfg[key], resolve=True)
                         for key in ("data", "model")}
     log.info("model (%s backward, %s head):\n%s", model.backend, model.head, model.net)
+    if cfg.get("dp") is not None:  # dp=sgd: DP-SGD's clip, noise and accountant
+        callbacks.append(instantiate(cfg.dp))
     show_bar = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stdout.isatty()
     if not show_bar:
         callbacks.append(EpochLine())
