@@ -310,6 +310,17 @@ def linear_act(
     return _apply(input, weight, bias, activation, feedback)
 
 
+def check_feedback(where: str, B: object, W: Tensor) -> None:
+    """Raise a clear error for a feedback matrix that cannot stand in for W."""
+    if not isinstance(B, Tensor):
+        raise TypeError(f"{where}: expected feedback to be a torch.Tensor, got {type(B).__name__}")
+    if B.shape != W.shape or B.dtype != W.dtype or B.device != W.device:
+        raise ValueError(
+            f"{where}: expected feedback shaped like the weight {tuple(W.shape)} ({W.dtype}, "
+            f"{W.device}), got {tuple(B.shape)} ({B.dtype}, {B.device})"
+        )
+
+
 def _apply(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str,
            B: Tensor | None = None, probe=None) -> Tensor:
     """B: a rule's feedback matrix or None; probe: a manualbp.per_example layer probe (then
