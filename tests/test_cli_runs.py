@@ -125,6 +125,7 @@ def test_a_sweep_reports_every_failing_job_and_runs_the_rest(tmp_path):
     assert len(folders) == 8 and all("data=" in f and "model.activation=" in f for f in folders)
 
 
+@pytest.mark.slow
 def test_a_corrupt_checkpoint_is_one_line_naming_it(tmp_path):
     bad = tmp_path / "half.ckpt"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
