@@ -353,3 +353,22 @@ def test_rules_compile_fullgraph_and_functorch():
 def test_bad_rules_are_refused_with_a_clear_message(build, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):
         build()
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_per_layer_rules_under_autocast(rule):
+    torch.manual_seed(11)
+    layer = mb.Linear(5, 4, activation="tanh", rule=rule)
+    x = torch.randn(6, 5, requires_grad=True)
+    up = torch.randn(6, 4)
+    want = per_layer_reference(rule, layer.double(), x.double(), up.double(), "tanh")
+    layer.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().backward(up)
+    mine = [x.grad, layer.weight.grad, layer.bias.grad]
+    mine += [layer.feedback.grad] if rule == "kolen_pollack" else []
+    for m, w in zip(mine, want, strict=True):
+        assert m.dtype == torch.float32  # each gradient in its parameter's dtype
+        torch.testing.assert_close(m.double(), w, rtol=0.05, atol=0.02, msg=rule)
