@@ -17,6 +17,7 @@ from torch.autograd import Function
 
 from manualbp.activations import ACTIVATIONS, G_INPLACE, check_activation
 from manualbp.apply import apply, autocast_dtype, c_apply, cast_all, tracing
+from manualbp.native import eager as _native
 
 
 def delta_from(grad_a: Tensor, t: Tensor, activation: str, inplace: bool = False) -> Tensor:
@@ -191,6 +192,9 @@ def linear_act(
 
 
 def _apply(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str) -> Tensor:
+    lib = _native(a_prev)  # the C++ twin, for plain eager float32/float64 calls
+    if lib is not None:
+        return lib.linear_act(a_prev, W, b, activation)
     dtype = autocast_dtype(a_prev)
     if dtype is None:
         if ACTIVATIONS[activation].from_output and not tracing():

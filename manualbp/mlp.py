@@ -16,6 +16,8 @@ from manualbp.fused import MLPEagerFunction, MLPFunction, Trace
 from manualbp.linear import check_linear_args
 from manualbp.loss_checks import check_mlp_target, explain_mlp_target
 from manualbp.modules import Linear
+from manualbp.native import eager as _native
+from manualbp.native import serves as _native_serves
 
 _EAGER_DTYPES = (torch.float32, torch.float64)
 _eager_apply = c_apply(MLPEagerFunction)
@@ -98,8 +100,11 @@ class MLP(nn.Module):
         params, activations = self._flat()
         check_linear_args("MLP.backprop", x, params[0], params[1])
         dtype = autocast_dtype(x)
+        lib = _native(x) if dtype is None and _native_serves(self) else None
         with torch.no_grad():
             try:
+                if lib is not None:  # the same pass in C++; it writes .grad itself
+                    return lib.backprop(x, target, params, activations, accumulate)
                 if dtype is None:
                     grads, loss = self._backprop(x, target, params, activations, params)
                 else:
@@ -166,6 +171,10 @@ class MLP(nn.Module):
         check_linear_args("MLP", x, params[0], params[1])
         dtype = autocast_dtype(x)
         if dtype is None and trace is None and x.dtype in _EAGER_DTYPES and not tracing():
+            lib = _native(x) if _native_serves(self) else None  # the C++ twin when built
+            if lib is not None:
+                out = lib.mlp(x, target, activations, params)
+                return (out[0], None) if target is None else out
             out = _eager_apply(x, target, activations, *params)
             return (out, None) if target is None else out
         if dtype is None:
