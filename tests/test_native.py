@@ -222,7 +222,7 @@ def test_bce_and_mse_are_bit_identical(options, reduction, dtype):
             assert_equal(a, b, f"{m[0]} {what}")
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "logistic"])  # an alias of sigmoid
 def test_native_nodes_pass_gradcheck_and_gradgradcheck(name):
     # The C++ nodes save only inputs and outputs, or rebuild z from the saved inputs under
     # create_graph, so second derivatives are exact, as the Python Functions'.
@@ -246,7 +246,7 @@ def test_native_nodes_pass_gradcheck_and_gradgradcheck(name):
     for f, inputs in ((loss, (x, *params)), (logits, (x, *params)), (layer, (x, *params[:2]))):
         inputs = leaves(*inputs)
         assert "CppNode" in node(f(*inputs))
-        assert gradcheck(f, inputs) and gradgradcheck(f, inputs)
+        assert gradcheck(f, inputs, fast_mode=True) and gradgradcheck(f, inputs, fast_mode=True)
 
 
 def test_native_losses_pass_gradgradcheck():
@@ -261,7 +261,7 @@ def test_native_losses_pass_gradgradcheck():
         (lambda z, p: lib.mse_loss(z, p, "sum"), (z, p)),
     ]
     for f, inputs in checks:
-        assert gradcheck(f, inputs) and gradgradcheck(f, inputs)
+        assert gradcheck(f, inputs, fast_mode=True) and gradgradcheck(f, inputs, fast_mode=True)
 
 
 def test_paths_the_native_core_does_not_serve_take_the_python_functions():
