@@ -152,6 +152,17 @@ class MLP(nn.Module):
                                  scratch=True)
         return grads, loss
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """nn.Module.zero_grad, as a loop over the layers' own parameters: the generic walk over
+        named_parameters() costs 18-35 us a call here, a tenth of a small training step."""
+        layers = self.layers._modules.values()
+        if not set_to_none or self._parameters or any(layer._modules for layer in layers):
+            return super().zero_grad(set_to_none)  # parametrized layers, set_to_none=False, ...
+        for layer in layers:
+            for p in layer._parameters.values():
+                if p is not None:
+                    p.grad = None
+
     def _flat(self) -> tuple[list[Tensor | None], tuple[str, ...]]:
         """[W1, b1, ..., WL, bL] and the activation names, read from the layers each call."""
         params: list[Tensor | None] = []

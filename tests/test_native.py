@@ -345,3 +345,36 @@ def test_cuda_native_is_bit_identical(name):
     for a, b in zip([mine[1], mine[2].detach(), mine[3], *mine[4]],
                     [ref[1], ref[2].detach(), ref[3], *ref[4]], strict=True):
         assert_equal(a, b, "cuda")
+
+
+def test_mlp_zero_grad_clears_every_gradient_the_fast_way_and_the_general_way():
+    mlp = mb.MLP([4, 5, 3])
+    x, y = torch.randn(2, 4), torch.tensor([0, 2])
+    mlp.backprop(x, y)
+    mlp.zero_grad()
+    assert all(p.grad is None for p in mlp.parameters())
+    mlp.backprop(x, y)
+    mlp.zero_grad(set_to_none=False)  # nn.Module's own: zeros kept in place
+    assert all(p.grad is not None and not p.grad.any() for p in mlp.parameters())
+    torch.nn.utils.parametrize.register_parametrization(mlp.layers[0], "weight", torch.nn.Identity())
+    mlp.loss(x, y)[0].backward()
+    mlp.zero_grad()  # a parametrized layer keeps its weight elsewhere: the general walk
+    assert all(p.grad is None for p in mlp.parameters())
+
+
+@pytest.mark.parametrize("name", ["relu", "gelu"])
+def test_native_forward_without_grad_mode_or_any_input_needing_grad(name):
+    torch.manual_seed(49)
+    mlp, layer = mb.MLP([4, 5, 3], activation=name), mb.Linear(4, 3, activation=name)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    for grad_mode in (False, True):
+        with torch.set_grad_enabled(grad_mode):
+            if not grad_mode:
+                mine, ref = twice(lambda: (layer(x), mlp(x), mlp.loss(x, y)[0]))
+            else:
+                layer.requires_grad_(False)
+                mlp.requires_grad_(False)
+                mine, ref = twice(lambda: (layer(x), mlp(x), mlp.loss(x, y)[0]))
+        for a, b in zip(mine, ref, strict=True):
+            assert not a.requires_grad
+            assert_equal(a, b, "forward")

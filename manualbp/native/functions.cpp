@@ -147,11 +147,13 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
 // saved as the output it is; where g' needs z, z is saved and, under create_graph, rebuilt from
 // the saved inputs so that second derivatives stay exact.
 struct LinearActNode : torch::autograd::Function<LinearActNode> {
+  // need_a_prev, need_W: whether a gradient will be asked of each (read before apply, which
+  // runs forward with grad mode off and, when nothing requires grad, with no edges to ask).
   static Tensor forward(AutogradContext* ctx, const Tensor& a_prev, const Tensor& W,
-                        const OptTensor& b, const std::string& activation) {
+                        const OptTensor& b, const std::string& activation, bool need_a_prev,
+                        bool need_W) {
     Step step = step_of(activation);
     Tensor z = at::linear(a_prev, W, b);  // (*, n_out)
-    bool need_a_prev = ctx->needs_input_grad(0), need_W = ctx->needs_input_grad(1);
     ctx->saved_data["act"] = static_cast<int64_t>(step.act);
     ctx->saved_data["bias"] = b.has_value();
     if (step.keeps_z) {
@@ -174,13 +176,13 @@ struct LinearActNode : torch::autograd::Function<LinearActNode> {
     const Tensor &a_prev = saved[0], &W = saved[1];
     Tensor t = saved[3];
     const Tensor& grad_a = grad_out[0];
-    if (!grad_a.defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    if (!grad_a.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     if (step.keeps_z && at::GradMode::is_enabled()) t = at::linear(a_prev, W, opt(saved[2]));
     Tensor delta = step.identity ? grad_a : delta_from(grad_a, t, step, false);
     auto [grad_a_prev, grad_W, grad_b] =
         layer_grads(delta, a_prev, W, ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                     has_bias && ctx->needs_input_grad(2));
-    return {grad_a_prev, grad_W, grad_b, Tensor()};
+    return {grad_a_prev, grad_W, grad_b, Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -382,7 +384,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("linear_act", [](const Tensor& a_prev, const Tensor& W, const OptTensor& b,
                          const std::string& activation) {
-    return LinearActNode::apply(a_prev, W, b, activation);
+    bool grad = at::GradMode::is_enabled();
+    return LinearActNode::apply(a_prev, W, b, activation, grad && a_prev.requires_grad(),
+                                grad && W.requires_grad());
   });
   m.def("softmax_cross_entropy",
         [](const Tensor& z, const Tensor& target, const OptTensor& weight, int64_t ignore_index,
