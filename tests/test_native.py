@@ -181,7 +181,9 @@ def test_softmax_cross_entropy_is_bit_identical(case, reduction, dtype):
     if use_weight:
         opts["weight"] = torch.rand(4, dtype=dtype) + 0.1
 
-    g = noncontiguous_randn((6,), dtype) if reduction == "none" else torch.tensor(-1.5, dtype=dtype)
+    g = torch.full((), -1.5, dtype=dtype)
+    if reduction == "none":
+        g = noncontiguous_randn((6,), dtype)
 
     def run():
         zs, ts = leaves(z, target)
@@ -203,7 +205,9 @@ def test_bce_and_mse_are_bit_identical(options, reduction, dtype):
     z, y = torch.randn(5, 3, dtype=dtype), torch.rand(5, 3, dtype=dtype)
     kw = {"weight": dict(weight=torch.rand(3, dtype=dtype)),
           "pos_weight": dict(pos_weight=torch.rand(3, dtype=dtype) + 0.5)}.get(options, {})
-    g = noncontiguous_randn((5, 3), dtype) if reduction == "none" else torch.tensor(0.7, dtype=dtype)
+    g = torch.full((), 0.7, dtype=dtype)
+    if reduction == "none":
+        g = noncontiguous_randn((5, 3), dtype)
 
     def run():
         out = []
@@ -356,7 +360,8 @@ def test_mlp_zero_grad_clears_every_gradient_the_fast_way_and_the_general_way():
     mlp.backprop(x, y)
     mlp.zero_grad(set_to_none=False)  # nn.Module's own: zeros kept in place
     assert all(p.grad is not None and not p.grad.any() for p in mlp.parameters())
-    torch.nn.utils.parametrize.register_parametrization(mlp.layers[0], "weight", torch.nn.Identity())
+    parametrize = torch.nn.utils.parametrize
+    parametrize.register_parametrization(mlp.layers[0], "weight", torch.nn.Identity())
     mlp.loss(x, y)[0].backward()
     mlp.zero_grad()  # a parametrized layer keeps its weight elsewhere: the general walk
     assert all(p.grad is None for p in mlp.parameters())
