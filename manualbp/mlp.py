@@ -1,5 +1,7 @@
 """manualbp.MLP: a fully connected network trained by one hand-written backward pass."""
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -17,9 +19,11 @@ from manualbp.linear import check_linear_args
 from manualbp.loss_checks import check_mlp_target, explain_mlp_target
 from manualbp.modules import Linear
 from manualbp.native import eager as _native
+from manualbp.native import lib as _native_lib
 from manualbp.native import serves as _native_serves
 
 _EAGER_DTYPES = (torch.float32, torch.float64)
+_NO_CONTEXT = contextlib.nullcontext()
 _eager_apply = c_apply(MLPEagerFunction)
 
 
@@ -101,7 +105,7 @@ class MLP(nn.Module):
         check_linear_args("MLP.backprop", x, params[0], params[1])
         dtype = autocast_dtype(x)
         lib = _native(x) if dtype is None and _native_serves(self) else None
-        with torch.no_grad():
+        with torch.no_grad() if lib is None else _NO_CONTEXT:  # C++ turns grad mode off itself
             try:
                 if lib is not None:  # the same pass in C++; it writes .grad itself
                     return lib.backprop(x, target, params, activations, accumulate)
@@ -182,7 +186,7 @@ class MLP(nn.Module):
         check_linear_args("MLP", x, params[0], params[1])
         dtype = autocast_dtype(x)
         if dtype is None and trace is None and x.dtype in _EAGER_DTYPES and not tracing():
-            lib = _native(x) if _native_serves(self) else None  # the C++ twin when built
+            lib = _native_lib() if _native_serves(self) else None  # the C++ twin when built
             if lib is not None:
                 out = lib.mlp(x, target, activations, params)
                 return (out[0], None) if target is None else out

@@ -282,23 +282,37 @@ def test_paths_the_native_core_does_not_serve_take_the_python_functions():
     assert per_sample(torch.randn(3, 4)).shape == (3, 2)  # torch.func: the Python Function
 
 
-def test_switch_off_and_bad_values(monkeypatch):
+@pytest.fixture
+def switch(monkeypatch):
+    """monkeypatch, with the switch read afresh before each use and after the test."""
+    yield monkeypatch
+    monkeypatch.undo()
+    native.reset()
+
+
+def test_switch_off_and_bad_values(switch):
+    monkeypatch = switch
     monkeypatch.setenv("MANUALBP_NATIVE", "0")
+    native.reset()
     assert native.lib() is None
     assert node(mb.MLP([4, 3]).loss(torch.randn(2, 4), torch.tensor([0, 1]))[0]).startswith(
         "MLPEagerFunction")
     monkeypatch.setenv("MANUALBP_NATIVE", "yes")
+    native.reset()
     with pytest.raises(ValueError, match=r"MANUALBP_NATIVE: expected 0, 1 or auto .*got 'yes'"):
         native.lib()
     monkeypatch.setenv("MANUALBP_NATIVE", "1")
+    native.reset()
     assert native.lib() is not None
 
 
-def test_auto_falls_back_with_one_logged_line(monkeypatch, caplog):
+def test_auto_falls_back_with_one_logged_line(switch, caplog):
     def no_toolchain():
         raise RuntimeError("Ninja is required to load C++ extensions")
 
+    monkeypatch = switch
     monkeypatch.delenv("MANUALBP_NATIVE", raising=False)
+    native.reset()
     monkeypatch.setattr(native, "_build", no_toolchain)
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_tried", False)
@@ -312,6 +326,7 @@ def test_auto_falls_back_with_one_logged_line(monkeypatch, caplog):
     assert "Ninja is required" in lines[0]
     monkeypatch.setenv("MANUALBP_NATIVE", "1")
     monkeypatch.setattr(native, "_tried", False)
+    native.reset()
     with pytest.raises(RuntimeError, match=r"MANUALBP_NATIVE=1: the C\+\+ core could not be "
                                            r"built \(RuntimeError: Ninja is required.*pip "
                                            r"install ninja"):

@@ -119,13 +119,29 @@ def load():
     return _lib
 
 
+_mode_seen = None  # MANUALBP_NATIVE as read when lib() first answered
+
+
 def lib():
-    """The extension module for a plain eager call, or None for the Python path."""
+    """The extension module for a plain eager call, or None for the Python path.
+
+    MANUALBP_NATIVE is read on the first call (reading os.environ costs a microsecond, a good
+    part of the Python around a small step); reset() reads it again.
+    """
+    global _mode_seen
     if _paused:
         return None
-    if _lib is not None and "MANUALBP_NATIVE" not in os.environ:
-        return _lib  # the hot path: built, no switch to read
-    return load()
+    if _mode_seen is None:
+        _mode_seen = mode()
+    if _mode_seen == "0":
+        return None
+    return _lib if _lib is not None else load()
+
+
+def reset() -> None:
+    """Forget the switch as read: the next call reads MANUALBP_NATIVE again (tests)."""
+    global _mode_seen
+    _mode_seen = None
 
 
 def eager(t: torch.Tensor):
@@ -138,8 +154,9 @@ def eager(t: torch.Tensor):
 
 def serves(module) -> bool:
     """Whether the native core implements what this module asks for: the backprop rule (until
-    the C++ pass is handed the rules' feedback matrices, any other rule runs in Python)."""
-    return getattr(module, "rule", "backprop") in ("backprop", None)
+    the C++ pass is handed the rules' feedback matrices, any other rule runs in Python). Read
+    from the instance dict: nn.Module.__getattr__ on a missing name raises, which costs."""
+    return module.__dict__.get("rule", "backprop") in ("backprop", None)
 
 
 @contextlib.contextmanager
