@@ -1,6 +1,9 @@
 // The per-layer step and the whole-network pass; see backprop.h and manualbp/backprop.py.
 #include "backprop.h"
 
+#include <ATen/core/grad_mode.h>
+
+#include <chrono>
 #include <cmath>
 
 namespace manualbp {
@@ -180,6 +183,77 @@ std::pair<std::vector<Tensor>, Tensor> backward_pass(
     own = scratch;
   }
   return {std::move(grads), std::move(grad_a)};
+}
+
+Tensor rows(const Tensor& t) { return t.dim() == 2 ? t : t.reshape({-1, t.size(-1)}); }
+
+std::vector<Tensor> defined_or_empty(const std::vector<std::optional<Tensor>>& params) {
+  std::vector<Tensor> out;
+  out.reserve(params.size());
+  for (const auto& p : params) out.push_back(p.has_value() ? *p : Tensor());
+  return out;
+}
+
+Step step_of(Act act) {
+  static const char* names[] = {"identity", "sigmoid", "tanh", "relu", "leaky_relu",
+                                "elu", "softplus", "silu", "gelu", "gelu_tanh"};
+  return step_of(names[static_cast<int>(act)]);
+}
+
+namespace {
+
+// MLP._backprop: forward, delta[L] = (yhat - y) / m, the recursion; no autograd anywhere.
+std::pair<std::vector<Tensor>, Tensor> backprop_grads(const Tensor& x, const Tensor& target,
+                                                      const std::vector<Tensor>& params,
+                                                      const std::vector<Step>& steps) {
+  Tensor x2 = rows(x);
+  Tensor y = target.reshape(-1);
+  auto [outs, zs] = forward_pass(x2, steps, params, /*inplace=*/true);
+  Tensor z_L = outs.back();
+  if (steps.back().identity) outs.back() = Tensor();  // backward never reads a[L]
+  auto [log_yhat, loss, count] = softmax_ce_forward(z_L, y);
+  z_L.reset();  // a[L] and log yhat are done with once delta[L] exists
+  Tensor delta_L = softmax_ce_delta(at::ones_like(loss), log_yhat, y, count);
+  log_yhat.reset();
+  std::vector<bool> needs = {false};
+  std::vector<Tensor> down;
+  for (const auto& p : params) needs.push_back(p.defined() && p.requires_grad());
+  for (size_t i = 0; i < steps.size(); ++i) down.push_back(params[2 * i]);
+  auto [grads, unused] = backward_pass(delta_L, true, x2, outs, zs, down, steps, needs, true);
+  return {std::move(grads), loss};
+}
+
+}  // namespace
+
+Tensor backprop(const Tensor& x, const Tensor& target,
+                const std::vector<std::optional<Tensor>>& params,
+                const std::vector<std::string>& activations, bool accumulate) {
+  at::NoGradGuard no_grad;
+  std::vector<Tensor> ps = defined_or_empty(params);
+  auto [grads, loss] = backprop_grads(x, target, ps, plan(activations));
+  for (size_t j = 0; j < ps.size(); ++j) {  // as backward() would: add to .grad, or replace it
+    if (!grads[j].defined()) continue;
+    Tensor& grad = ps[j].mutable_grad();
+    if (!grad.defined() || !accumulate) {
+      grad = grads[j];
+    } else {
+      grad.add_(grads[j]);
+    }
+  }
+  return loss;
+}
+
+// The floor: no Python, no autograd, no .grad written.
+double floor_seconds(const Tensor& x, const Tensor& target,
+                     const std::vector<std::optional<Tensor>>& params,
+                     const std::vector<std::string>& activations, int64_t reps) {
+  at::NoGradGuard no_grad;
+  std::vector<Tensor> ps = defined_or_empty(params);
+  std::vector<Step> steps = plan(activations);
+  auto t0 = std::chrono::steady_clock::now();
+  for (int64_t r = 0; r < reps; ++r) backprop_grads(x, target, ps, steps);
+  std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
+  return dt.count() / static_cast<double>(reps);
 }
 
 }  // namespace manualbp

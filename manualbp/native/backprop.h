@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -33,6 +34,7 @@ struct Step {
 };
 
 Step step_of(const std::string& name);
+Step step_of(Act act);
 std::vector<Step> plan(const std::vector<std::string>& names);
 
 // a = g(z); inplace: g may overwrite z (a fresh z nothing else reads; relu, tanh, sigmoid only).
@@ -69,5 +71,23 @@ std::pair<std::vector<Tensor>, Tensor> backward_pass(
     Tensor grad_a, bool own, const Tensor& x, std::vector<Tensor>& outs, std::vector<Tensor>& zs,
     const std::vector<Tensor>& down, const std::vector<Step>& steps, const std::vector<bool>& needs,
     bool scratch);
+
+// (*, n) as (m, n): every leading dim is an example.
+Tensor rows(const Tensor& t);
+
+// W1, b1, ... with an undefined Tensor for each None.
+std::vector<Tensor> defined_or_empty(const std::vector<std::optional<Tensor>>& params);
+
+// MLP.backprop's step with no autograd at all: forward, delta[L] = (yhat - y) / m, the
+// recursion, each gradient added to (or, accumulate=false, put in) its parameter's .grad.
+// Returns the mean cross-entropy.
+Tensor backprop(const Tensor& x, const Tensor& target,
+                const std::vector<std::optional<Tensor>>& params,
+                const std::vector<std::string>& activations, bool accumulate);
+
+// Seconds per call of backprop's kernels run `reps` times back to back (the benchmark's floor).
+double floor_seconds(const Tensor& x, const Tensor& target,
+                     const std::vector<std::optional<Tensor>>& params,
+                     const std::vector<std::string>& activations, int64_t reps);
 
 }  // namespace manualbp

@@ -4,8 +4,6 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/utils/pybind.h>
 
-#include <chrono>
-
 #include "backprop.h"
 
 namespace manualbp {
@@ -15,8 +13,6 @@ using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
 namespace {
-
-Tensor rows(const Tensor& t) { return t.dim() == 2 ? t : t.reshape({-1, t.size(-1)}); }
 
 OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
@@ -32,12 +28,6 @@ std::vector<Tensor> with_gaps(at::TensorList defined, const c10::List<bool>& has
   return flat;
 }
 
-std::vector<Tensor> defined_or_empty(const std::vector<OptTensor>& params) {
-  std::vector<Tensor> out;
-  out.reserve(params.size());
-  for (const auto& p : params) out.push_back(p.has_value() ? *p : Tensor());
-  return out;
-}
 
 int64_t reduction_code(const std::string& reduction) {  // as torch's _Reduction.get_enum
   if (reduction == "none") return 0;
@@ -53,10 +43,8 @@ std::vector<int64_t> codes(const std::vector<std::string>& activations) {
 }
 
 std::vector<Step> steps_of(const c10::IValue& codes) {
-  static const char* names[] = {"identity", "sigmoid", "tanh", "relu", "leaky_relu",
-                                "elu", "softplus", "silu", "gelu", "gelu_tanh"};
   std::vector<Step> steps;
-  for (int64_t c : codes.toIntList()) steps.push_back(step_of(names[c]));
+  for (int64_t c : codes.toIntList()) steps.push_back(step_of(static_cast<Act>(c)));
   return steps;
 }
 
@@ -168,9 +156,7 @@ struct LinearActNode : torch::autograd::Function<LinearActNode> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
-    static const char* names[] = {"identity", "sigmoid", "tanh", "relu", "leaky_relu",
-                                  "elu", "softplus", "silu", "gelu", "gelu_tanh"};
-    Step step = step_of(names[ctx->saved_data["act"].toInt()]);
+    Step step = step_of(static_cast<Act>(ctx->saved_data["act"].toInt()));
     bool has_bias = ctx->saved_data["bias"].toBool();
     variable_list saved = ctx->get_saved_variables();
     const Tensor &a_prev = saved[0], &W = saved[1];
@@ -311,61 +297,6 @@ struct MSENode : torch::autograd::Function<MSENode> {
             ctx->needs_input_grad(1) ? at::neg(delta_L) : Tensor(), Tensor()};
   }
 };
-
-namespace {
-
-// MLP._backprop: forward, delta[L] = (yhat - y) / m, the recursion; no autograd anywhere.
-std::pair<std::vector<Tensor>, Tensor> backprop_grads(const Tensor& x, const Tensor& target,
-                                                      const std::vector<Tensor>& params,
-                                                      const std::vector<Step>& steps) {
-  Tensor x2 = rows(x);
-  Tensor y = target.reshape(-1);
-  auto [outs, zs] = forward_pass(x2, steps, params, /*inplace=*/true);
-  Tensor z_L = outs.back();
-  if (steps.back().identity) outs.back() = Tensor();  // backward never reads a[L]
-  auto [log_yhat, loss, count] = softmax_ce_forward(z_L, y);
-  z_L.reset();  // a[L] and log yhat are done with once delta[L] exists
-  Tensor delta_L = softmax_ce_delta(at::ones_like(loss), log_yhat, y, count);
-  log_yhat.reset();
-  std::vector<bool> needs = {false};
-  std::vector<Tensor> down;
-  for (const auto& p : params) needs.push_back(p.defined() && p.requires_grad());
-  for (size_t i = 0; i < steps.size(); ++i) down.push_back(params[2 * i]);
-  auto [grads, unused] = backward_pass(delta_L, true, x2, outs, zs, down, steps, needs, true);
-  return {std::move(grads), loss};
-}
-
-}  // namespace
-
-Tensor backprop(const Tensor& x, const Tensor& target, const std::vector<OptTensor>& params,
-                const std::vector<std::string>& activations, bool accumulate) {
-  at::NoGradGuard no_grad;
-  std::vector<Tensor> ps = defined_or_empty(params);
-  auto [grads, loss] = backprop_grads(x, target, ps, plan(activations));
-  for (size_t j = 0; j < ps.size(); ++j) {  // as backward() would: add to .grad, or replace it
-    if (!grads[j].defined()) continue;
-    Tensor& grad = ps[j].mutable_grad();
-    if (!grad.defined() || !accumulate) {
-      grad = grads[j];
-    } else {
-      grad.add_(grads[j]);
-    }
-  }
-  return loss;
-}
-
-// Seconds per call of backprop's kernels run `reps` times back to back in C++: no Python, no
-// autograd, no .grad written (the benchmark's floor).
-double floor_seconds(const Tensor& x, const Tensor& target, const std::vector<OptTensor>& params,
-                     const std::vector<std::string>& activations, int64_t reps) {
-  at::NoGradGuard no_grad;
-  std::vector<Tensor> ps = defined_or_empty(params);
-  std::vector<Step> steps = plan(activations);
-  auto t0 = std::chrono::steady_clock::now();
-  for (int64_t r = 0; r < reps; ++r) backprop_grads(x, target, ps, steps);
-  std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
-  return dt.count() / static_cast<double>(reps);
-}
 
 }  // namespace manualbp
 
