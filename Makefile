@@ -14,7 +14,12 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[train,dev]"
 	touch $@
 
+# The parity suites run twice: on the C++ core (built on first use), then on the Python passes.
+PARITY := tests/test_mlp.py tests/test_mlp_paths.py tests/test_linear.py tests/test_linear_paths.py \
+	tests/test_losses.py tests/test_modules.py
+
 test: $(BIN)/.installed
+	MANUALBP_NATIVE=0 $(BIN)/python -m pytest -q $(PARITY)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(BIN)/.installed

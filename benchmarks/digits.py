@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import manualbp as mb
+from manualbp import native
 
 SIZES = [64, 128, 10]
 SETTINGS = {"epochs": 60, "batch": 64, "lr": 1e-3, "activation": "relu", "test_size": 0.25}
@@ -46,6 +47,8 @@ def _torch_net(kind: str) -> tuple[nn.Module, Callable]:
     """The network and its backward(net, x, y) (forward, loss, gradients into .grad), as each
     variant trains in the step benchmark."""
     act = SETTINGS["activation"]
+    if kind in ("natural", "natural_py"):  # the path users write first
+        return mb.MLP(SIZES, act), lambda net, x, y: mb.softmax_cross_entropy(net(x), y).backward()
     if kind == "mlp":  # everything by hand, the softmax cross-entropy folded in
         return mb.MLP(SIZES, act), lambda net, x, y: net.loss(x, y)[0].backward()
     if kind == "backprop":  # the same pass with no autograd at all; it replaces .grad
@@ -97,7 +100,8 @@ def train_sklearn(X_tr: np.ndarray, y_tr: np.ndarray, seed: int):
 
 
 def compare(repeats: int,
-            kinds: tuple[str, ...] = ("autograd", "per_layer", "mlp", "backprop", "sklearn"),
+            kinds: tuple[str, ...] = ("autograd", "per_layer", "natural", "natural_py", "mlp",
+                                      "backprop", "sklearn"),
             adam: dict | None = None):
     """Each repeat trains every kind once (seed = repeat, order rotated); medians and means.
 
@@ -115,6 +119,9 @@ def compare(repeats: int,
                 clf, secs = train_sklearn(X_tr, y_tr, seed=r)
                 acc = float((clf.predict(X_te) == y_te).mean())
                 extra = {"sklearn_n_iter": clf.n_iter_, "sklearn_dtype": str(clf.coefs_[0].dtype)}
+            elif kind.endswith("_py"):  # the C++ core paused: the Python Functions
+                with native.paused():
+                    net, secs = train_torch(kind, tX_tr, ty_tr, seed=r, adam=adam)
             else:
                 net, secs = train_torch(kind, tX_tr, ty_tr, seed=r, adam=adam)
                 with torch.no_grad():

@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -20,9 +21,19 @@ from pathlib import Path
 
 import torch
 from memory import peak_bytes, saved_bytes
-from report import digits_table, epoch_table, memory_table, step_table, targets, targets_table
+from report import (
+    digits_table,
+    epoch_table,
+    memory_table,
+    native_table,
+    step_table,
+    targets,
+    targets_table,
+)
 from step import adam_kwargs, epoch_fns, grad_check, step_fns, sync_for, time_interleaved
-from variants import NAMES, build
+from variants import FALLBACK, NAMES, build
+
+from manualbp import native
 
 # (sizes, batch): tiny, digits-like, MNIST-like, and a GEMM-bound stack.
 REFERENCE = [([2, 32, 32, 2], 32), ([64, 128, 10], 64), ([784, 256, 256, 10], 256),
@@ -56,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time the torch.compile variant (default: yes; --quick: no, since "
                    "compiling eight graphs on 2 CPUs alone takes minutes)")
     p.add_argument("--no-sklearn", action="store_true", help="skip the digits comparison")
+    p.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time each manualbp path with the C++ core paused (the Python "
+                   "Functions) and the general Functions alone (default: yes)")
     p.add_argument("--out", type=Path, help="JSON path (a .md beside it gets the tables)")
     p.add_argument("--render", type=Path, metavar="JSON",
                    help="measure nothing: print an earlier run's tables, rewrite its .md")
@@ -107,6 +121,7 @@ def machine(device: torch.device) -> dict:
         "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
         "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "device": str(device),
+        "native": native.lib() is not None,
         "loadavg_start": _load(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
     }
@@ -139,7 +154,7 @@ def bench_config(sizes, batch, activation, dtype, device, args, names) -> dict:
     x = torch.randn(batch, sizes[0], generator=g).to(device)
     y = torch.randint(0, sizes[-1], (batch,), generator=g).to(device)
     cfg = {"sizes": sizes, "activation": activation, "batch": batch, "dtype": dtype,
-           "regime": "gemm" if min(sizes) >= 1024 else "small",
+           "regime": regime(sizes),
            "per_layer_source": variants["per_layer"].source if "per_layer" in variants else None,
            "epoch_batches": args.epoch_batches, "variants": {n: {} for n in variants}}
     if "compile" in variants:
@@ -163,9 +178,30 @@ def bench_config(sizes, batch, activation, dtype, device, args, names) -> dict:
         fns = epoch_fns(variants, X, Y, batch, adam=args.adam)
         for name, r in time_interleaved(fns, args.epoch_rounds, 2, target, sync).items():
             cfg["variants"][name]["epoch"] = r
+    if "mlp" in variants and native.lib() is not None and device.type == "cpu":  # no sync in C++
+        cfg["floor"] = floor(variants["mlp"].model, x, y, target, args.rounds)
     cfg["stat"] = args.stat
     cfg["ratios"] = ratios(cfg["variants"], args.stat)
     return cfg
+
+
+def regime(sizes: list[int]) -> str:
+    """gemm: every width >= 1024; medium: some width >= 512 (MNIST-like); small otherwise."""
+    if min(sizes) >= 1024:
+        return "gemm"
+    return "medium" if max(sizes) >= 512 else "small"
+
+
+def floor(mlp, x, y, target_s: float, rounds: int) -> dict:
+    """The step's kernels alone: forward, loss, delta[L], the recursion, run back to back in C++
+    (no Python, no autograd, no .grad written); median over rounds of blocks of ~target_s."""
+    params, acts = mlp._flat()
+    lib = native.lib()
+    once = min(lib.floor_seconds(x, y, params, acts, 1) for _ in range(3))
+    reps = max(1, min(10_000, round(target_s / max(once, 1e-7))))
+    samples = [lib.floor_seconds(x, y, params, acts, reps) for _ in range(max(rounds, 3))]
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "k": reps,
+            "samples_s": samples}
 
 
 def ratios(v: dict, stat: str) -> dict:
@@ -184,6 +220,13 @@ def ratios(v: dict, stat: str) -> dict:
     return out
 
 
+def floor_ratio(cfg: dict, stat: str) -> float | None:
+    """The floor's time over autograd's step: the best any path here could reach."""
+    if "floor" not in cfg:
+        return None
+    return cfg["floor"][stat + "_s"] / cfg["variants"]["autograd"]["step"][stat + "_s"]
+
+
 def render(results: dict, names: list[str]) -> str:
     m = results["machine"]
     lines = [f"Machine: {m['device_name']} ({m['cpu_count']} CPUs, torch threads "
@@ -198,6 +241,8 @@ def render(results: dict, names: list[str]) -> str:
     for dtype in s["dtypes"]:
         configs = [c for c in results["configs"] if c["dtype"] == dtype]
         lines += ["", f"### Training step, {m['device']} {dtype}", "", step_table(configs)]
+        lines += ["", f"### Native core against its floor and its Python fallback, {m['device']} "
+                  f"{dtype}", "", native_table(configs)]
         epochs = epoch_table(configs)
         if epochs:
             lines += ["", f"### Epoch with Adam, {m['device']} {dtype}", "", epochs]
@@ -227,6 +272,7 @@ def main(argv=None) -> None:
                 if isinstance(timing, dict) and "samples_s" in timing:  # older JSON: no min_s
                     timing.setdefault("min_s", min(timing["samples_s"]))
             cfg["stat"], cfg["ratios"] = stat, ratios(cfg["variants"], stat)
+            cfg["floor_x"] = floor_ratio(cfg, stat)
         for r in (results.get("digits") or {}).values():
             if isinstance(r, dict) and "samples_s" in r:
                 r.setdefault("min_s", min(r["samples_s"]))
@@ -239,6 +285,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     names = [n for n in NAMES if args.compile or n != "compile"]
+    names += list(FALLBACK) if args.fallback else []
     results = {"machine": machine(device), "settings": {
         "rounds": args.rounds, "epoch_rounds": args.epoch_rounds,
         "epoch_batches": args.epoch_batches, "target_ms": args.target_ms, "adam": args.adam,
@@ -255,6 +302,7 @@ def main(argv=None) -> None:
             for act in args.activations:
                 t0 = time.perf_counter()
                 cfg = bench_config(sizes, batch, act, dtype, device, args, tuple(names))
+                cfg["floor_x"] = floor_ratio(cfg, args.stat)
                 results["configs"].append(cfg)
                 _write_json(args.out, results)  # a run cut short keeps what it measured
                 summary = "  ".join(f"{n} {r['step']:.2f}x" for n, r in cfg["ratios"].items())

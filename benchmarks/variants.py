@@ -1,12 +1,18 @@
-"""The four torch variants the benchmark races, built from one set of initial weights.
+"""The torch variants the benchmark races, built from one set of initial weights.
 
 autograd   nn.Sequential(nn.Linear, act, ..., nn.Linear) + F.cross_entropy
 compile    the same network and loss under torch.compile (forward + loss; backward via AOTAutograd)
 per_layer  manualbp.convert(the autograd model): manualbp.Linear with the activation fused; the
            training code is unchanged, so the loss stays F.cross_entropy
+natural    manualbp.MLP + manualbp.softmax_cross_entropy(mlp(x), y): the path users write first
 mlp        manualbp.MLP.loss: one hand-written autograd node for the whole stack with the softmax
            cross-entropy folded in (delta_L = yhat - y by hand too)
 backprop   manualbp.MLP.backprop: the same pass with no autograd at all; it fills .grad itself
+
+Each manualbp variant runs on the C++ core when it is built; <name>_py is the same code with the
+core paused (the Python Functions: the fallback), and <name>_general the fallback as it would be
+without the lean eager twins (LinearActEagerFunction, MLPEagerFunction): the general Functions
+through their automatic old-style twin.
 """
 
 import copy
@@ -18,8 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import manualbp as mb
+from manualbp import native
+from manualbp.apply import apply
 
-NAMES = ("autograd", "compile", "per_layer", "mlp", "backprop")
+NAMES = ("autograd", "compile", "per_layer", "natural", "mlp", "backprop")
+FALLBACK = ("per_layer_py", "natural_py", "mlp_py", "backprop_py", "per_layer_general",
+            "mlp_general")
 ACT_MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
 
@@ -41,7 +51,13 @@ class Variant:
 
     def fill_grads(self, x: Tensor, y: Tensor) -> Tensor:
         """Forward, loss and backward: every parameter's .grad gets this batch's gradient."""
-        if self.name != "backprop":
+        if not self.name.endswith(("_py", "_general")):
+            return self._fill_grads(x, y)
+        with native.paused():  # the Python Functions: what runs where the core is not built
+            return self._fill_grads(x, y)
+
+    def _fill_grads(self, x: Tensor, y: Tensor) -> Tensor:
+        if not self.name.startswith("backprop"):
             loss = self.loss(x, y)
             loss.backward()
             return loss
@@ -115,17 +131,55 @@ def build(sizes: list[int], activation: str, device: torch.device, autocast: tor
             net, source = per_layer_net(reference, activation)
             net = net.to(device)
             variants[name] = Variant(name, net, _ce(net, F.cross_entropy), autocast, source)
-        elif name in ("mlp", "backprop"):
+        elif name in ("per_layer_py", "per_layer_general"):
+            net, source = per_layer_net(reference, activation)
+            net = net.to(device)
+            fn = _ce(net, F.cross_entropy) if name == "per_layer_py" else _general_layers(net)
+            variants[name] = Variant(name, net, fn, autocast, source)
+        elif name in ("natural", "natural_py"):
+            net = mb.MLP(sizes, activation).to(device)
+            copy_params(reference, net)
+            variants[name] = Variant(name, net, _ce(net, mb.softmax_cross_entropy), autocast)
+        elif name in ("mlp", "backprop", "mlp_py", "backprop_py"):
             net = mb.MLP(sizes, activation).to(device)
             copy_params(reference, net)
             variants[name] = Variant(name, net, lambda x, y, net=net: net.loss(x, y)[0], autocast)
+        elif name == "mlp_general":
+            net = mb.MLP(sizes, activation).to(device)
+            copy_params(reference, net)
+            variants[name] = Variant(name, net, _general_mlp(net), autocast)
         else:
-            raise ValueError(f"benchmark: unknown variant {name!r}; expected one of {NAMES}")
+            raise ValueError(
+                f"benchmark: unknown variant {name!r}; expected one of {NAMES + FALLBACK}")
     return variants
 
 
 def _ce(net: nn.Module, loss: Callable) -> Callable[[Tensor, Tensor], Tensor]:
     def loss_fn(x: Tensor, y: Tensor) -> Tensor:
         return loss(net(x), y)
+
+    return loss_fn
+
+
+def _general_mlp(net: mb.MLP) -> Callable[[Tensor, Tensor], Tensor]:
+    """mlp.loss as it would run without MLPEagerFunction: MLPFunction through apply()."""
+    def loss_fn(x: Tensor, y: Tensor) -> Tensor:
+        params, acts = net._flat()
+        return apply(mb.MLPFunction, x, y, acts, None, *params)[-1]
+
+    return loss_fn
+
+
+def _general_layers(net: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    """The converted model as it would run without LinearActEagerFunction: each manualbp.Linear
+    through LinearActFunction and apply() (other modules, nn.Identity here, as they are)."""
+    def loss_fn(x: Tensor, y: Tensor) -> Tensor:
+        for m in net:
+            if isinstance(m, mb.Linear):
+                out = apply(mb.LinearActFunction, x, m.weight, m.bias, m.activation)
+                x = out[0] if isinstance(out, tuple) else out
+            else:
+                x = m(x)
+        return F.cross_entropy(x, y)
 
     return loss_fn

@@ -27,6 +27,7 @@ from manualbp.apply import (
     tracing,
     with_jvp,
 )
+from manualbp.native import eager as _native
 
 
 def delta_from(grad_a: Tensor, t: Tensor, activation: str, inplace: bool = False) -> Tensor:
@@ -325,6 +326,9 @@ def _apply(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str,
            B: Tensor | None = None, probe=None) -> Tensor:
     """B: a rule's feedback matrix or None; probe: a manualbp.per_example layer probe (then
     always LinearActFunction), or None."""
+    lib = _native(a_prev) if B is None and probe is None else None
+    if lib is not None:  # the C++ twin, for plain eager float32/float64 backprop calls
+        return lib.linear_act(a_prev, W, b, activation)
     extra = (activation, B) if probe is None else (activation, B, probe)
     dtype = autocast_dtype(a_prev)
     if dtype is None:

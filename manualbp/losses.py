@@ -14,6 +14,7 @@ from torch.autograd import Function
 
 from manualbp.apply import apply, forward_mode, with_jvp
 from manualbp.loss_checks import check_bce, check_cross_entropy, check_mse
+from manualbp.native import eager as _native
 
 
 def _scale(grad: Tensor, reduction: str, denom) -> Tensor:
@@ -166,8 +167,10 @@ def softmax_cross_entropy(
         target = target.float() if target.is_floating_point() else target
     if weight is not None and weight.dtype != z.dtype:  # only under autocast (checked above)
         weight = weight.to(z.dtype)
-    loss, _ = apply(SoftmaxCrossEntropyFunction, z, target, weight, ignore_index, reduction,
-                    float(label_smoothing), has_ignored)
+    lib = _native(z)  # the C++ twin, for plain eager float32/float64 calls
+    args = (z, target, weight, ignore_index, reduction, float(label_smoothing), has_ignored)
+    loss, _ = lib.softmax_cross_entropy(*args) if lib is not None else apply(
+        SoftmaxCrossEntropyFunction, *args)
     return loss.reshape(shape) if reduction == "none" else loss
 
 
@@ -251,6 +254,9 @@ def sigmoid_binary_cross_entropy(
     check_bce(input, target, weight, reduction, pos_weight)
     if torch.is_autocast_enabled(input.device.type) and input.dtype != torch.float64:
         input, target = input.float(), target.float()
+    lib = _native(input)
+    if lib is not None:
+        return lib.sigmoid_binary_cross_entropy(input, target, weight, pos_weight, reduction)
     return apply(SigmoidBCEFunction, input, target, weight, pos_weight, reduction)
 
 
@@ -303,4 +309,7 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     check_mse(input, target, reduction)
     if torch.is_autocast_enabled(input.device.type) and input.dtype != torch.float64:
         input, target = input.float(), target.float()
+    lib = _native(input)
+    if lib is not None:
+        return lib.mse_loss(input, target, reduction)
     return apply(MSEFunction, input, target, reduction)

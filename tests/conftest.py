@@ -11,6 +11,14 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
+def pytest_sessionstart(session):
+    """Build the C++ core (or find it cached) once, before any test or subprocess needs it:
+    with MANUALBP_NATIVE=1 a failed build stops the run here with its one clear message."""
+    from manualbp import native
+
+    native.load()
+
+
 @pytest.fixture
 def compose_train(tmp_path):
     """compose_train(*overrides) -> configs/train.yaml composed by Hydra, writing into tmp_path."""

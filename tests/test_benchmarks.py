@@ -20,7 +20,7 @@ def test_quick_benchmark_runs_and_its_checks_hold(tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--no-sklearn",
-         "--sizes", "2,32,32,2", "64,128,10@16", "--activations", "relu", "tanh",
+         "--sizes", "2,32,32,2", "64,128,10@16", "--activations", "relu", "tanh", "--no-fallback",
          "--out", str(out)],
         check=True, cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -28,10 +28,10 @@ def test_quick_benchmark_runs_and_its_checks_hold(tmp_path):
     assert len(result["configs"]) == 4
     for config in result["configs"]:
         variants = config["variants"]
-        assert set(variants) >= {"autograd", "per_layer", "mlp", "backprop"}
+        assert set(variants) >= {"autograd", "per_layer", "natural", "mlp", "backprop"}
         assert config["per_layer_source"] == "manualbp.convert"
         assert variants["backprop"]["saved"] == {"all": 0, "new": 0}  # no graph at all
-        for name in ("per_layer", "mlp", "backprop"):
+        for name in ("per_layer", "natural", "mlp", "backprop"):
             assert variants[name]["check"]["grad_rel_err"] <= 1e-5, (name, config["sizes"])
             assert variants[name]["check"]["loss_rel_err"] <= 1e-6, (name, config["sizes"])
             assert variants[name]["saved"]["new"] <= variants["autograd"]["saved"]["new"]

@@ -1,0 +1,93 @@
+// The slides' algorithm for a whole network, in C++: manualbp/backprop.py line for line.
+//
+//   forward:   z[i] = a[i-1] W[i]^T + b[i],  a[i] = g(z[i])                       i = 1..L
+//   output:    delta[L] = (yhat - y) / m       (softmax output, mean cross-entropy)
+//   backward:  grad_W[i]  = delta[i]^T a[i-1]
+//              grad_b[i]  = sum(delta[i])
+//              delta[i-1] = (delta[i] B[i]) * g'(z[i-1])     B[i] = W[i] for backprop
+//
+// Same aten kernels in the same order as the Python passes, so results are bit-identical.
+// B[i], the matrix the error goes down through, is an argument per layer (`down`): a learning
+// rule passes its own, everything else passes the weights.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace manualbp {
+
+using at::Tensor;
+
+enum class Act { identity, sigmoid, tanh, relu, leaky_relu, elu, softplus, silu, gelu, gelu_tanh };
+
+// One layer's activation as the passes need it (backprop.py: Step).
+struct Step {
+  Act act;
+  bool identity;     // g' = 1
+  bool from_output;  // g' reads a (else z)
+  bool keeps_z;      // g' needs z, so the forward keeps it
+};
+
+Step step_of(const std::string& name);
+Step step_of(Act act);
+std::vector<Step> plan(const std::vector<std::string>& names);
+
+// a = g(z); inplace: g may overwrite z (a fresh z nothing else reads; relu, tanh, sigmoid only).
+Tensor g(const Step& step, const Tensor& z, bool inplace);
+
+// delta = grad_a * g'(t), t = a or z as the step says (linear.py: delta_from).
+// inplace: grad_a is a scratch tensor of ours, free to overwrite.
+Tensor delta_from(const Tensor& grad_a, const Tensor& t, const Step& step, bool inplace);
+
+// (grad_a_prev, grad_W, grad_b) from delta (linear.py: layer_grads), each undefined where not
+// wanted. down: the matrix the error goes down through (W for backprop).
+std::tuple<Tensor, Tensor, Tensor> layer_grads(const Tensor& delta, const Tensor& a_prev,
+                                               const Tensor& down, bool need_a_prev, bool need_W,
+                                               bool need_b);
+
+// a[1..L] and z[1..L] (undefined where g' does not need z) from a[0] (m, n_0).
+// params: W1, b1, ..., WL, bL (an undefined b: no bias).
+std::pair<std::vector<Tensor>, std::vector<Tensor>> forward_pass(
+    Tensor a, const std::vector<Step>& steps, at::TensorList params, bool inplace);
+
+// (log yhat, mean cross-entropy, count of targets not ignored), as F.cross_entropy.
+std::tuple<Tensor, Tensor, Tensor> softmax_ce_forward(const Tensor& z_L, const Tensor& y);
+
+// delta[L] = (yhat - y) * grad_loss / count, in the two kernels autograd runs.
+Tensor softmax_ce_delta(const Tensor& grad_loss, const Tensor& log_yhat, const Tensor& y,
+                        const Tensor& count);
+
+// Every grad_W[i], grad_b[i] (flat: W1, b1, ...) and dL/dx, by the recursion.
+// grad_a: dL/da[L]; own: it is a temporary of ours. outs, zs: as forward_pass gives them (a[L]
+// may be undefined when the output layer's g' does not read it); both are consumed.
+// down[i]: what the error goes down through at layer i + 1. needs: dL/dx wanted, then per
+// parameter W1, b1, ... whether it is wanted. scratch: no graph is being built.
+std::pair<std::vector<Tensor>, Tensor> backward_pass(
+    Tensor grad_a, bool own, const Tensor& x, std::vector<Tensor>& outs, std::vector<Tensor>& zs,
+    const std::vector<Tensor>& down, const std::vector<Step>& steps, const std::vector<bool>& needs,
+    bool scratch);
+
+// (*, n) as (m, n): every leading dim is an example.
+Tensor rows(const Tensor& t);
+
+// W1, b1, ... with an undefined Tensor for each None.
+std::vector<Tensor> defined_or_empty(const std::vector<std::optional<Tensor>>& params);
+
+// MLP.backprop's step with no autograd at all: forward, delta[L] = (yhat - y) / m, the
+// recursion, each gradient added to (or, accumulate=false, put in) its parameter's .grad.
+// Returns the mean cross-entropy.
+Tensor backprop(const Tensor& x, const Tensor& target,
+                const std::vector<std::optional<Tensor>>& params,
+                const std::vector<std::string>& activations, bool accumulate);
+
+// Seconds per call of backprop's kernels run `reps` times back to back (the benchmark's floor).
+double floor_seconds(const Tensor& x, const Tensor& target,
+                     const std::vector<std::optional<Tensor>>& params,
+                     const std::vector<std::string>& activations, int64_t reps);
+
+}  // namespace manualbp
