@@ -156,6 +156,14 @@ def convert(module, *, fuse=True, skip=(), report=False, rule="backprop"):
     modules = list(module.named_modules())  # each module once, by its first name, parents first
     skip_ids = _skipped_ids(module, skip, rep)
     fusions = _plan_fusions(modules, skip_ids, rep) if fuse else {}
+    if rule != "backprop":  # a Conv1D would silently keep backprop's W in the error's way down
+        conv = [name for name, m in modules if id(m) not in skip_ids and is_conv1d(m)]
+        if conv:
+            raise ValueError(
+                f"convert: rule {rule!r} is not implemented for Hugging Face Conv1D layers, got "
+                f"{len(conv)}: {', '.join(conv[:4])}{', ...' if len(conv) > 4 else ''}; keep "
+                "them on backprop with skip=(their names,) or convert with rule='backprop'"
+            )
     for name, m in modules:
         if id(m) in skip_ids or isinstance(m, Linear):
             continue
