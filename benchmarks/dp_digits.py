@@ -9,11 +9,12 @@ epoch, 30 epochs, clip C = 1.0, noise sigma = 1.0, plain SGD lr 2.0, delta 1e-5,
 torch thread. Every kind draws the same Poisson batches (one seeded generator per repeat) and
 gathers them from the tensors (no DataLoader on either side). Both sides draw the noise from
 torch's global generator, seeded per repeat, one N(0, 1) tensor per parameter in the same
-order, so the runs are the same computation up to rounding. Opacus runs its own objects as make_private assembles them (GradSampleModule*,
-DPOptimizer*, DPLossFastGradientClipping for ghost clipping, its RDP accountant hooked on the
-optimizer step); the sampler is the same rule as its UniformWithReplacementSampler. Timed: model
-and optimizer construction plus the training loop. Reported: median time, mean test accuracy,
-and epsilon as each side's accountant reports it.
+order, so the runs are the same computation up to rounding. Opacus runs its own objects as
+make_private assembles them (GradSampleModule*, DPOptimizer*, DPLossFastGradientClipping for
+ghost clipping, its RDP accountant hooked on the optimizer step); the sampler follows the rule
+of its UniformWithReplacementSampler. Timed: model and optimizer construction plus the
+training loop. Reported: median time, mean test accuracy, and epsilon as each side's
+accountant reports it.
 """
 
 import argparse
