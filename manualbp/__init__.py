@@ -15,8 +15,8 @@ from manualbp.losses import (
 )
 from manualbp.mlp import MLP
 from manualbp.modules import BCEWithLogitsLoss, CrossEntropyLoss, Linear, MSELoss
-from manualbp.unconvert import unconvert
 from manualbp.per_example import PerExample, per_example
+from manualbp.unconvert import unconvert
 
 __all__ = [
     "ACTIVATIONS",

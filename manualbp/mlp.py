@@ -20,11 +20,11 @@ from manualbp.fused import MLPEagerFunction, MLPFunction, Trace
 from manualbp.linear import check_linear_args, check_real_weight
 from manualbp.loss_checks import check_mlp_target, explain_mlp_target
 from manualbp.modules import Linear
-from manualbp.rules import DFA, DIRECT, PER_LAYER, attach, check_rule, feedback_of
-from manualbp.per_example import active
 from manualbp.native import eager as _native
 from manualbp.native import lib as _native_lib
 from manualbp.native import serves as _native_serves
+from manualbp.per_example import active
+from manualbp.rules import DFA, DIRECT, PER_LAYER, attach, check_rule, feedback_of
 
 _EAGER_DTYPES = (torch.float32, torch.float64)
 _NO_CONTEXT = contextlib.nullcontext()

@@ -8,8 +8,8 @@ from torch import Tensor, nn
 from manualbp.activations import check_activation
 from manualbp.linear import _apply, check_linear_args
 from manualbp.losses import mse_loss, sigmoid_binary_cross_entropy, softmax_cross_entropy
-from manualbp.rules import DFA, attach, check_rule, feedback_of
 from manualbp.per_example import _ACTIVE
+from manualbp.rules import DFA, attach, check_rule, feedback_of
 
 
 class Linear(nn.Linear):
