@@ -329,14 +329,18 @@ def _apply(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str,
     lib = _native(a_prev) if B is None and probe is None else None
     if lib is not None:  # the C++ twin, for plain eager float32/float64 backprop calls
         return lib.linear_act(a_prev, W, b, activation)
-    extra = (activation, B) if probe is None else (activation, B, probe)
     dtype = autocast_dtype(a_prev)
     if dtype is None:
         if probe is None and ACTIVATIONS[activation].from_output and not tracing():
             return _eager_apply(a_prev, W, b, activation, B)
-        out = apply(LinearActFunction, a_prev, W, b, *extra)
+        out = apply(LinearActFunction, a_prev, W, b, *_extra(activation, B, probe))
     else:
-        a_prev, W, b, B = cast_all(dtype, a_prev, W, b, B)
+        a_prev, W, b, B = cast_all(dtype, a_prev, W, b, B)  # B meets delta in that dtype
         with torch.autocast(a_prev.device.type, enabled=False):
-            out = apply(LinearActFunction, a_prev, W, b, *extra)
+            out = apply(LinearActFunction, a_prev, W, b, *_extra(activation, B, probe))
     return out[0] if isinstance(out, tuple) else out
+
+
+def _extra(activation: str, B: Tensor | None, probe) -> tuple:
+    """LinearActFunction's inputs after b: (activation, B[, probe])."""
+    return (activation, B) if probe is None else (activation, B, probe)

@@ -43,13 +43,15 @@ def test_backprop_draws_no_alignment(compose_train, tmp_path):
     assert not any(tag.startswith("align/") for tag in _scalars(tmp_path))
 
 
-def test_a_rule_needs_the_manual_backend(compose_train):
-    # Hydra wraps what LitMLP raises; the message is LitMLP's
+def test_a_rule_needs_the_manual_backend(compose_train, tmp_path):
+    # Hydra wraps what LitMLP raises; the message is LitMLP's. Each run gets its own folder: a
+    # run folder is never reused (issue 8), even by a run that failed before training.
     with pytest.raises(InstantiationException,
                        match="model.rule: expected backprop with backend=autograd"):
-        train(compose_train(*TINY, "model.rule=fa", "model.backend=autograd"))
+        train(compose_train(*TINY, "model.rule=fa", "model.backend=autograd",
+                            f"output_dir={tmp_path / 'a'}"))
     with pytest.raises(InstantiationException, match="model.rule: unknown rule 'hebb'"):
-        train(compose_train(*TINY, "model.rule=hebb"))
+        train(compose_train(*TINY, "model.rule=hebb", f"output_dir={tmp_path / 'b'}"))
 
 
 def test_alignment_metrics_measure_what_they_say():

@@ -205,12 +205,13 @@ struct SoftmaxCENode : torch::autograd::Function<SoftmaxCENode> {
     Tensor grad_z, grad_target;
     if (grad.defined()) {
       const int64_t m = log_yhat.size(0), C = log_yhat.size(1);
-      Tensor t, denom_t;  // the target rows (undefined: plain one-hot) and the mean's divisor
+      Tensor t, denom_t, valid;  // the target rows (undefined: plain one-hot), the mean's
+                                 // divisor, the rows not ignored (undefined when none can be)
       if (target.is_floating_point()) {  // class probabilities
         t = ls == 0 ? target : at::add(at::mul(target, 1 - ls), ls / C);
         if (weight.defined()) t = at::mul(t, weight);
       } else if (weight.defined() || ls != 0 || has_ignored) {
-        Tensor valid = at::ne(target, ignore_index);
+        valid = at::ne(target, ignore_index);
         Tensor y = target.masked_fill(at::bitwise_not(valid), 0);
         Tensor w = weight.defined() ? weight : at::ones({C}, log_yhat.options());
         Tensor w_y = at::mul(at::index(w, {y}), valid);  // 0 where ignored
@@ -226,6 +227,10 @@ struct SoftmaxCENode : torch::autograd::Function<SoftmaxCENode> {
         grad_z = at::mul(yhat.scatter_add(1, target.reshape({-1, 1}), minus_one), scale);
       } else {
         grad_z = at::mul(at::sub(at::mul(t.sum(1, true), yhat), t), scale);
+        // An ignored row contributes nothing, even when every row is ignored and the mean's
+        // divisor is 0 (torch's gradient is then 0, not 0 * inf = NaN): as losses.py does.
+        if (valid.defined() && red == 1)
+          grad_z = at::where(valid.unsqueeze(1), grad_z, at::zeros({}, grad_z.options()));
       }
       if (ctx->needs_input_grad(1)) {  // probability targets: dL/dt = -(1-eps) w log yhat
         Tensor wl = weight.defined() ? at::mul(at::mul(weight, -(1 - ls)), log_yhat)
