@@ -47,8 +47,8 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
         raise ValueError(f"{where}: expected weight of shape (C,)=({C},), got {got}")
     if weight is not None and weight.requires_grad:
         raise ValueError(f"{where}: weight must not require grad; pass weight.detach()")
-    autocast = torch.is_autocast_enabled(input.device.type)  # then the loss casts weight itself
-    if weight is not None and weight.dtype != input.dtype and not autocast:
+    if (weight is not None and weight.dtype != input.dtype
+            and not torch.is_autocast_enabled(input.device.type)):  # autocast: the loss casts it
         raise TypeError(
             f"{where}: expected weight of the input's dtype {input.dtype}, got {weight.dtype}; "
             f"pass weight.to({input.dtype})"
@@ -81,8 +81,9 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
         target = target.movedim(1, -1).reshape(-1, C) if probs else target.reshape(-1)
     else:
         z = input
-    shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
-    return z, target, shape
+    if probs:  # else the 'none' result has the class-index target's shape, want
+        want = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    return z, target, want
 
 
 def explain_class_indices(where: str, target: Tensor, C: int, ignore_index: int | None) -> None:
