@@ -31,7 +31,9 @@ def _check_common(where: str, input: object, target: object, reduction: object) 
 def check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
     """Validate, then flatten to (m, C) logits and (m,) or (m, C) targets.
 
-    Returns (z, target, has_ignored, shape of the 'none' result).
+    Class-index values are not scanned here (a reduction and a host read per call, a device
+    sync on CUDA): the loss kernel refuses a bad one, then explain_class_indices names it.
+    Returns (z, target, shape of the 'none' result).
     """
     where = "softmax_cross_entropy"
     _check_common(where, input, target, reduction)
@@ -45,8 +47,8 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
         raise ValueError(f"{where}: expected weight of shape (C,)=({C},), got {got}")
     if weight is not None and weight.requires_grad:
         raise ValueError(f"{where}: weight must not require grad; pass weight.detach()")
-    autocast = torch.is_autocast_enabled(input.device.type)  # then the loss casts weight itself
-    if weight is not None and weight.dtype != input.dtype and not autocast:
+    if (weight is not None and weight.dtype != input.dtype
+            and not torch.is_autocast_enabled(input.device.type)):  # autocast: the loss casts it
         raise TypeError(
             f"{where}: expected weight of the input's dtype {input.dtype}, got {weight.dtype}; "
             f"pass weight.to({input.dtype})"
@@ -79,23 +81,18 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
         target = target.movedim(1, -1).reshape(-1, C) if probs else target.reshape(-1)
     else:
         z = input
-    shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
-    has_ignored = False
-    if not probs:
-        has_ignored = _check_class_indices(where, target, C, ignore_index)
-    return z, target, has_ignored, shape
+    if probs:  # else the 'none' result has the class-index target's shape, want
+        want = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    return z, target, want
 
 
-def _check_class_indices(where: str, target: Tensor, C: int, ignore_index: int | None) -> bool:
-    """Raise on an index outside [0, C) that is not ignore_index; say if any is ignored."""
-    if tracing():
-        return True  # no data-dependent checks inside a graph or vmap: take the general path
-    if target.numel() == 0:
-        return False
-    lo, hi = (v.item() for v in torch.aminmax(target))
-    if lo >= 0 and hi < C:
-        return ignore_index is not None and 0 <= ignore_index < C and bool(
-            (target == ignore_index).any())
+def explain_class_indices(where: str, target: Tensor, C: int, ignore_index: int | None) -> None:
+    """Raise naming the first class index outside [0, C) that is not ignore_index.
+
+    Called once the loss kernel has refused the target, to say which index and why.
+    """
+    if tracing() or target.numel() == 0:
+        return  # no data-dependent checks inside a graph or vmap
     bad = (target < 0) | (target >= C)
     if ignore_index is not None:
         bad &= target != ignore_index
@@ -108,7 +105,6 @@ def _check_class_indices(where: str, target: Tensor, C: int, ignore_index: int |
             f"{where}: class index {value} at target[{i}] (flattened) is {what}; expected "
             f"0 <= index < {C}{skip}"
         )
-    return True
 
 
 def check_bce(input, target, weight, reduction, pos_weight) -> None:
@@ -172,4 +168,4 @@ def explain_mlp_target(where: str, target: Tensor, C: int) -> None:
     Called once the loss kernel has refused the target: checking every batch up front costs a
     reduction and a host read per step (a device sync on CUDA).
     """
-    _check_class_indices(where, target.reshape(-1), C, ignore_index=-100)
+    explain_class_indices(where, target.reshape(-1), C, ignore_index=-100)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from manualbp.apply import apply, forward_mode, with_jvp
-from manualbp.loss_checks import check_bce, check_cross_entropy, check_mse
+from manualbp.apply import apply, forward_mode, tracing, with_jvp
+from manualbp.loss_checks import check_bce, check_cross_entropy, check_mse, explain_class_indices
 from manualbp.native import eager as _native
 
 
@@ -37,44 +37,50 @@ class SoftmaxCrossEntropyFunction(Function):
 
     t is the target row: one-hot (scaled by the class weight, mixed with eps/C when label
     smoothing) for class indices, or the given probabilities. Plain one-hot gives yhat - y.
-    z: (m, C); target: (m,) int64 or (m, C) float. Returns (loss, log yhat): log yhat is an
-    output so that backward reads yhat = exp(log yhat) off it (a softmax costs more on CPU).
+    z: (m, C); target: (m,) int64 or (m, C) float. Returns (loss, log yhat, count): log yhat is
+    an output so that backward reads yhat = exp(log yhat) off it (a softmax costs more on CPU);
+    count (class indices, no smoothing: the loss kernel's total weight of the rows it kept) tells
+    backward, with no scan of the targets, whether any row was ignored.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(z, target, weight, ignore_index, reduction, label_smoothing, has_ignored):
+    def forward(z, target, weight, ignore_index, reduction, label_smoothing):
         log_yhat = torch.log_softmax(z, 1)
-        # The value is torch's own (bit for bit); the derivative below is ours.
+        # The value is torch's own (bit for bit: F.nll_loss runs this kernel); the derivative
+        # below is ours. The kernel refuses a class index outside [0, C) (IndexError).
         if label_smoothing == 0 and not target.is_floating_point():
-            loss = F.nll_loss(log_yhat, target, weight, ignore_index=ignore_index,
-                              reduction=reduction)
+            loss, count = torch.ops.aten.nll_loss_forward(log_yhat, target, weight,
+                                                          _REDUCTION_CODE[reduction], ignore_index)
         else:
             loss = F.cross_entropy(z, target, weight, ignore_index=ignore_index,
                                    reduction=reduction, label_smoothing=label_smoothing)
-        return loss, log_yhat
+            count = None
+        return loss, log_yhat, count
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         z, target, weight, *options = inputs
         ctx.options = options
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(target, weight, output[1])
+        if output[2] is not None:
+            ctx.mark_non_differentiable(output[2])
+        ctx.save_for_backward(target, weight, output[1], output[2])
         if forward_mode():
-            ctx.save_for_forward(target, weight, output[1])
+            ctx.save_for_forward(target, weight, output[1], output[2])
 
     @staticmethod
     def _jvp(ctx, dz, d_target, *_):
         """Forward mode: each row's dL = delta_row . dz, delta_row = (sum_c t_c) yhat - t as in
         backward (plus dL/dt . dt for probability targets), reduced like the loss."""
-        target, weight, log_yhat = ctx.saved_tensors
-        ignore_index, reduction, label_smoothing, has_ignored = ctx.options
+        target, weight, log_yhat, _count = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing = ctx.options
         yhat = torch.exp(log_yhat)
         if dz is None:
             dz = torch.zeros_like(log_yhat)
         t, denom, valid = _target_rows(log_yhat, target, weight, ignore_index, label_smoothing,
-                                       has_ignored)
+                                       False)
         delta = yhat_minus_y(yhat, target) if t is None else t.sum(1, keepdim=True) * yhat - t
         d_rows = (delta * dz).sum(1)  # (m,)
         if d_target is not None:  # probability targets
@@ -86,17 +92,19 @@ class SoftmaxCrossEntropyFunction(Function):
         if reduction == "mean":
             d_loss = d_loss / denom
         d_log_yhat = dz - (yhat * dz).sum(1, keepdim=True)
-        return d_loss, d_log_yhat
+        return d_loss, d_log_yhat, None
 
     @staticmethod
-    def backward(ctx, grad, grad_log_yhat):
-        target, weight, log_yhat = ctx.saved_tensors
-        ignore_index, reduction, label_smoothing, has_ignored = ctx.options
+    def backward(ctx, grad, grad_log_yhat, _grad_count):
+        target, weight, log_yhat, count = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing = ctx.options
         yhat = torch.exp(log_yhat)
         grad_z = grad_target = None
         if grad is not None:
+            plain = _plain_one_hot(target, weight, ignore_index, reduction, label_smoothing,
+                                   count)
             t, denom, valid = _target_rows(log_yhat, target, weight, ignore_index,
-                                           label_smoothing, has_ignored)
+                                           label_smoothing, plain)
             scale = _scale(grad, reduction, denom)
             if t is None:  # plain one-hot
                 grad_z = yhat_minus_y(yhat, target) * scale
@@ -112,7 +120,24 @@ class SoftmaxCrossEntropyFunction(Function):
         if grad_log_yhat is not None:  # only double backward reaches log yhat
             g = grad_log_yhat - yhat * grad_log_yhat.sum(1, keepdim=True)
             grad_z = g if grad_z is None else grad_z + g
-        return grad_z, grad_target, None, None, None, None, None
+        return grad_z, grad_target, None, None, None, None
+
+
+_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as nll_loss_forward takes it
+
+
+def _plain_one_hot(target, weight, ignore_index, reduction, label_smoothing, count) -> bool:
+    """Whether every target row is a plain one-hot (class indices, no weight, no smoothing, no
+    row ignored), so that delta_L = yhat - y takes its short form. Read off the loss kernel's
+    count of kept rows, not by scanning the targets; where that would read the device (not CPU)
+    or a tracer's data, say False: the general form gives the same bits, in more kernels."""
+    if weight is not None or label_smoothing != 0 or target.is_floating_point():
+        return False
+    if target.device.type != "cpu" or tracing():
+        return False
+    if reduction == "none":  # the kernel counts nothing then
+        return not bool((target == ignore_index).any())
+    return count.item() == target.numel()
 
 
 def yhat_minus_y(yhat: Tensor, y: Tensor) -> Tensor:
@@ -121,14 +146,14 @@ def yhat_minus_y(yhat: Tensor, y: Tensor) -> Tensor:
     return yhat.scatter_add(1, y.reshape(-1, 1), minus_one)
 
 
-def _target_rows(log_yhat, target, weight, ignore_index, label_smoothing, has_ignored):
+def _target_rows(log_yhat, target, weight, ignore_index, label_smoothing, plain):
     """(target rows t or None for plain one-hot, the 'mean' denominator as torch's, the rows not
-    ignored or None when none can be)."""
+    ignored or None when none can be). plain: _plain_one_hot's answer (False is always right)."""
     m, C = log_yhat.shape
     if target.is_floating_point():  # class probabilities
         t = target if label_smoothing == 0 else target * (1 - label_smoothing) + label_smoothing / C
         return (t if weight is None else t * weight), m, None
-    if weight is None and label_smoothing == 0 and not has_ignored:
+    if plain:
         return None, m, None
     valid = target != ignore_index
     y = target.masked_fill(~valid, 0)
@@ -159,7 +184,7 @@ def softmax_cross_entropy(
         reduction: "mean" (over examples, weighted as torch does), "sum" or "none".
         label_smoothing: eps in [0, 1]: targets become (1 - eps) y + eps / C.
     """
-    z, target, has_ignored, shape = check_cross_entropy(
+    z, target, shape = check_cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing
     )
     if z.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(z.device.type):
@@ -168,10 +193,16 @@ def softmax_cross_entropy(
     if weight is not None and weight.dtype != z.dtype:  # only under autocast (checked above)
         weight = weight.to(z.dtype)
     lib = _native(z)  # the C++ twin, for plain eager float32/float64 calls
-    args = (z, target, weight, ignore_index, reduction, float(label_smoothing), has_ignored)
-    loss, _ = lib.softmax_cross_entropy(*args) if lib is not None else apply(
-        SoftmaxCrossEntropyFunction, *args)
-    return loss.reshape(shape) if reduction == "none" else loss
+    args = (z, target, weight, ignore_index, reduction, float(label_smoothing))
+    try:
+        loss = (lib.softmax_cross_entropy(*args) if lib is not None else apply(
+            SoftmaxCrossEntropyFunction, *args))[0]
+    except IndexError as error:  # the loss kernel refused a class index
+        refused = error
+    else:
+        return loss.reshape(shape) if reduction == "none" else loss
+    explain_class_indices("softmax_cross_entropy", target, z.shape[1], ignore_index)
+    raise refused
 
 
 @with_jvp

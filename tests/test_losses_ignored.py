@@ -110,3 +110,31 @@ def test_byte_targets_are_class_indices_as_in_torch():
 def test_loss_dtype_and_layout_errors_are_clear(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"reduction": "none"}, {"reduction": "sum"}, {"label_smoothing": 0.1},
+    {"weight": torch.rand(4, dtype=D) + 0.5}, {"ignore_index": 2},
+])
+@pytest.mark.parametrize("native", [False, True])
+def test_a_bad_class_index_is_named_after_the_kernel_refuses_it(kw, native, monkeypatch):
+    """The loss kernel refuses a bad index (no scan of good targets); the message names it,
+    raised plainly (no kernel traceback chained), on every option of the class-index path."""
+    from manualbp import losses
+    if native:
+        if mb.native.lib() is None:
+            pytest.skip("the C++ core is not available here")
+    else:
+        monkeypatch.setattr(losses, "_native", lambda z: None)
+    z = torch.randn(2, 4, 3, dtype=torch.float64)
+    target = torch.tensor([[0, 1, 2], [3, 7, -100]])
+    with pytest.raises(ValueError, match=r"class index 7 at target\[4\] \(flattened\).*C=4") as e:
+        mb.softmax_cross_entropy(z, target, **kw)
+    assert e.value.__cause__ is None and e.value.__context__ is None
+    with pytest.raises(ValueError, match="class index 7"):
+        mb.CrossEntropyLoss(**kw)(z, target)
+    calls = []  # good input: the batch is never scanned for the message
+    monkeypatch.setattr(losses, "explain_class_indices", lambda *a: calls.append(a))
+    zg = z.clone().requires_grad_()
+    mb.softmax_cross_entropy(zg, target.clamp(0, 3), **kw).sum().backward()
+    assert calls == [] and torch.isfinite(zg.grad).all()

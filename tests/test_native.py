@@ -259,8 +259,8 @@ def test_native_losses_pass_gradgradcheck():
     z, p = leaves(torch.randn(4, 3, dtype=torch.float64), torch.rand(4, 3, dtype=torch.float64))
     y, w = torch.tensor([0, 2, -100, 1]), torch.rand(3, dtype=torch.float64) + 0.1
     checks = [
-        (lambda z: lib.softmax_cross_entropy(z, y, w, -100, "mean", 0.1, True)[0], (z,)),
-        (lambda z, p: lib.softmax_cross_entropy(z, p, None, -100, "sum", 0.0, False)[0], (z, p)),
+        (lambda z: lib.softmax_cross_entropy(z, y, w, -100, "mean", 0.1)[0], (z,)),
+        (lambda z, p: lib.softmax_cross_entropy(z, p, None, -100, "sum", 0.0)[0], (z, p)),
         (lambda z, p: lib.sigmoid_binary_cross_entropy(z, p, None, w, "mean"), (z, p)),
         (lambda z, p: lib.mse_loss(z, p, "sum"), (z, p)),
     ]

@@ -176,41 +176,51 @@ struct LinearActNode : torch::autograd::Function<LinearActNode> {
 struct SoftmaxCENode : torch::autograd::Function<SoftmaxCENode> {
   static variable_list forward(AutogradContext* ctx, const Tensor& z, const Tensor& target,
                                const OptTensor& weight, int64_t ignore_index,
-                               const std::string& reduction, double label_smoothing,
-                               bool has_ignored) {
+                               const std::string& reduction, double label_smoothing) {
     int64_t red = reduction_code(reduction);
     Tensor log_yhat = at::log_softmax(z, 1);
-    Tensor loss = label_smoothing == 0 && !target.is_floating_point()
-                      ? at::nll_loss_nd(log_yhat, target, weight, red, ignore_index)
-                      : at::cross_entropy_loss(z, target, weight, red, ignore_index,
-                                               label_smoothing);
+    Tensor loss, count;  // count: the kernel's total weight of the rows it kept
+    if (label_smoothing == 0 && !target.is_floating_point()) {  // refuses a bad class index
+      std::tie(loss, count) = at::nll_loss_forward(log_yhat, target, weight, red, ignore_index);
+    } else {
+      loss = at::cross_entropy_loss(z, target, weight, red, ignore_index, label_smoothing);
+    }
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["reduction"] = red;
     ctx->saved_data["label_smoothing"] = label_smoothing;
-    ctx->saved_data["has_ignored"] = has_ignored;
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({target, weight.value_or(Tensor()), log_yhat});
+    ctx->save_for_backward({target, weight.value_or(Tensor()), log_yhat, count});
     return {loss, log_yhat};
+  }
+
+  // _plain_one_hot (losses.py): every row a plain one-hot, read off the kernel's count; false
+  // (the general form, the same bits) where that would read the device.
+  static bool plain_one_hot(const Tensor& target, const Tensor& weight, int64_t ignore_index,
+                            int64_t red, double ls, const Tensor& count) {
+    if (weight.defined() || ls != 0 || target.is_floating_point()) return false;
+    if (!target.device().is_cpu()) return false;
+    if (red == 0) return !at::eq(target, ignore_index).any().item<bool>();
+    return count.item<double>() == static_cast<double>(target.numel());
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     variable_list saved = ctx->get_saved_variables();
-    const Tensor &target = saved[0], &weight = saved[1], &log_yhat = saved[2];
+    const Tensor &target = saved[0], &weight = saved[1], &log_yhat = saved[2], &count = saved[3];
     int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
     int64_t red = ctx->saved_data["reduction"].toInt();
     double ls = ctx->saved_data["label_smoothing"].toDouble();
-    bool has_ignored = ctx->saved_data["has_ignored"].toBool();
+
     const Tensor &grad = grad_out[0], &grad_log_yhat = grad_out[1];
     Tensor yhat = at::exp(log_yhat);
     Tensor grad_z, grad_target;
     if (grad.defined()) {
       const int64_t m = log_yhat.size(0), C = log_yhat.size(1);
-      Tensor t, denom_t, valid;  // the target rows (undefined: plain one-hot), the mean's
-                                 // divisor, the rows not ignored (undefined when none can be)
+      Tensor t, denom_t;  // the target rows (undefined: plain one-hot) and the mean's divisor
+      Tensor valid;       // the rows not ignored (undefined: none can be)
       if (target.is_floating_point()) {  // class probabilities
         t = ls == 0 ? target : at::add(at::mul(target, 1 - ls), ls / C);
         if (weight.defined()) t = at::mul(t, weight);
-      } else if (weight.defined() || ls != 0 || has_ignored) {
+      } else if (!plain_one_hot(target, weight, ignore_index, red, ls, count)) {
         valid = at::ne(target, ignore_index);
         Tensor y = target.masked_fill(at::bitwise_not(valid), 0);
         Tensor w = weight.defined() ? weight : at::ones({C}, log_yhat.options());
@@ -227,10 +237,11 @@ struct SoftmaxCENode : torch::autograd::Function<SoftmaxCENode> {
         grad_z = at::mul(yhat.scatter_add(1, target.reshape({-1, 1}), minus_one), scale);
       } else {
         grad_z = at::mul(at::sub(at::mul(t.sum(1, true), yhat), t), scale);
-        // An ignored row contributes nothing, even when every row is ignored and the mean's
-        // divisor is 0 (torch's gradient is then 0, not 0 * inf = NaN): as losses.py does.
-        if (valid.defined() && red == 1)
+        if (valid.defined() && red == 1) {
+          // An ignored row contributes nothing, even when every row is ignored and the mean's
+          // denominator is 0 (torch's gradient is then 0, not 0 * inf = NaN).
           grad_z = at::where(valid.unsqueeze(1), grad_z, at::zeros({}, grad_z.options()));
+        }
       }
       if (ctx->needs_input_grad(1)) {  // probability targets: dL/dt = -(1-eps) w log yhat
         Tensor wl = weight.defined() ? at::mul(at::mul(weight, -(1 - ls)), log_yhat)
@@ -242,7 +253,7 @@ struct SoftmaxCENode : torch::autograd::Function<SoftmaxCENode> {
       Tensor g = at::sub(grad_log_yhat, at::mul(yhat, grad_log_yhat.sum(1, true)));
       grad_z = grad_z.defined() ? at::add(grad_z, g) : g;
     }
-    return {grad_z, grad_target, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {grad_z, grad_target, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -326,9 +337,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("softmax_cross_entropy",
         [](const Tensor& z, const Tensor& target, const OptTensor& weight, int64_t ignore_index,
-           const std::string& reduction, double label_smoothing, bool has_ignored) {
+           const std::string& reduction, double label_smoothing) {
           return SoftmaxCENode::apply(z, target, weight, ignore_index, reduction,
-                                      label_smoothing, has_ignored);
+                                      label_smoothing);
         });
   m.def("sigmoid_binary_cross_entropy",
         [](const Tensor& z, const Tensor& y, const OptTensor& weight,
