@@ -135,7 +135,7 @@ def test_rules_table_gathers_a_sweep_into_one_file(tmp_path):
 
 
 def test_readme_table_is_the_committed_results_file():
-    data = json.loads((ROOT / "results" / "rules_mnist1d.json").read_text())
+    data = json.loads((ROOT / "benchmarks" / "results" / "rules_mnist1d.json").read_text())
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"<!-- rules_mnist1d table -->\n(.*?)\n<!-- end -->", readme, re.S)
     assert block is not None, "README.md lost its rules_mnist1d table markers"

@@ -4,8 +4,8 @@ results file, and the README table rendered from that file (never typed by hand)
 experiment=rules_mnist1d sweeps model.rule x seed; each job returns its RunResult (train.py's
 main returns it), on_job_end keeps (rule, seed, test accuracy, wall time), and on_multirun_end
 writes them with the per-rule means to `path` as JSON. `python -m manualbp.lit.rules_table
-results/rules_mnist1d.json` prints the Markdown table that README.md carries; a test holds the
-two equal.
+benchmarks/results/rules_mnist1d.json` prints the Markdown table that README.md carries; a test
+holds the two equal.
 """
 
 import json
