@@ -7,6 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
+from torch.multiprocessing.spawn import ProcessExitedException
 
 from manualbp.lit import CheckpointError, train, user_message
 
@@ -191,18 +192,30 @@ def test_deep_sigmoid_deltas_vanish_and_deep_relu_deltas_do_not(compose_train, t
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_writes_one_run_with_synced_metrics(compose_train, tmp_path):
-    cfg = compose_train("trainer=ddp_cpu", "data=iris", "trainer.max_epochs=2",
-                        "trainer.log_every_n_steps=1", "callbacks.grad_check.every_n_steps=1")
-    result = train(cfg)
+    for attempt in range(2):
+        out = tmp_path / f"run{attempt}"  # a run folder is never reused (issue 8)
+        cfg = compose_train("trainer=ddp_cpu", "data=iris", "trainer.max_epochs=2",
+                            "trainer.log_every_n_steps=1", "callbacks.grad_check.every_n_steps=1",
+                            f"output_dir={out}")
+        try:
+            result = train(cfg)
+            break
+        except ProcessExitedException as err:
+            # Now and then a spawned worker aborts in gloo's thread teardown at interpreter exit,
+            # after its work is done ("terminate called without an active exception"): a torch
+            # teardown fault, not ours (tests/test_ddp.py sidesteps it with os._exit). One more
+            # try, in a fresh folder; a second abort, or any other failure, fails the test.
+            if attempt == 1 or err.signal_name != "SIGABRT":
+                raise
     # 105 training rows over 2 ranks in batches of 32: 2 steps per epoch on each rank.
     assert result.global_step == 4
     assert 0.0 <= result.metrics["test/acc"] <= 1.0 and "val/acc_best" in result.metrics
-    events = _events(tmp_path)
+    events = _events(out)
     assert len(events.Scalars("delta/mean_abs_1")) == 4  # rank zero alone logs
     # The trained gradients are averaged over the ranks; so must the reference be.
     assert max(e.value for e in events.Scalars("check/grad_rel_err")) < 1e-5
-    assert (tmp_path / "projector_config.pbtxt").read_text().count("embeddings {") == 1
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (out / "projector_config.pbtxt").read_text().count("embeddings {") == 1
+    assert (out / "checkpoints" / "last.ckpt").is_file()
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
