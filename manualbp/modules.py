@@ -37,9 +37,8 @@ class Linear(nn.Linear):
         feedback: (out_features, in_features), the rule's B, drawn after weight and bias (so
             they are nn.Linear's under the same seed): a buffer for feedback alignment (same
             init as weight) and sign symmetry (sign(W) * s of the latest forward, s = rms(W) at
-            construction), a
-            Parameter for Kolen-Pollack (the optimizer steps it with W's gradient). Absent for
-            backprop.
+            construction), a Parameter for Kolen-Pollack (the optimizer steps it with W's
+            gradient). Absent for backprop.
 
     Shape:
         input (*, in_features) -> output (*, out_features).
