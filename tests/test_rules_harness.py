@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import hydra
 import numpy as np
 import pytest
 import torch
@@ -149,9 +150,9 @@ def test_rules_table_gathers_a_sweep_into_one_file(tmp_path):
 def test_a_sweep_of_some_rules_replaces_only_their_runs(tmp_path):
     path = tmp_path / "rules.json"
     _sweep(path, [("backprop", 1, 0.67), ("dfa_x", 1, 0.5), ("dfa_x", 2, 0.6), ("kp_x", 1, 0.4)])
-    data = _sweep(path, [("dfa_x", 2, 0.7), ("new_x", 1, 0.2)])
+    data = _sweep(path, [("dfa_x", 2, 0.7), ("new_x", 1, 0.2), ("bp", 3, 0.66)])
     runs = [(r["rule"], r["seed"], round(r["test_acc"])) for r in data["runs"]]
-    assert runs == [("backprop", 1, 67), ("dfa_x", 2, 70), ("kp_x", 1, 40), ("new_x", 1, 20)]
+    assert runs == [("backprop", 3, 66), ("dfa_x", 2, 70), ("kp_x", 1, 40), ("new_x", 1, 20)]
     assert data["summary"]["dfa_x"]["n"] == 1 and data["summary"]["backprop"]["n"] == 1
     before = path.read_text()
     assert _sweep(path, [], failed=2) is not None and path.read_text() == before  # kept as it was
@@ -204,6 +205,8 @@ def test_the_rules_experiment_is_the_published_protocol(compose_train):
         "torch.optim.SGD", 0.05, 0.9, 0.0001)
     assert cfg.data.batch_size == 64 and cfg.trainer.max_epochs == 60
     assert cfg.callbacks.model_checkpoint.monitor is None  # the last weights are tested
+    for name, callback in cfg.callbacks.items():  # each one builds (a bad key fails every job)
+        assert callback is None or hydra.utils.instantiate(callback) is not None, name
 
 
 def _dfa_feedback():

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from manualbp.rules import ALIASES
+
 # An independent implementation's test accuracy (%) on MNIST-1D under the same protocol
 # (issue 11's Targets); the paper's MLP trained by backprop: 68%.
 REFERENCE = {"backprop": 67.3, "kolen_pollack": 67.4, "sign_symmetry": 61.9,
@@ -60,7 +62,8 @@ class RulesTable(Callback):
         if "test/acc" not in metrics:
             return  # a failed job, or one whose test did not run: Hydra reports it
         self.runs.append({
-            "rule": str(config.model.rule), "seed": int(config.seed),
+            "rule": ALIASES.get(str(config.model.rule), str(config.model.rule)),  # dfa: full
+            "seed": int(config.seed),
             "test_acc": 100.0 * metrics["test/acc"],
             "global_step": int(result.global_step),
             "wall_s": round(time.perf_counter() - self._start, 1),
