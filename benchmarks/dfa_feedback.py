@@ -8,9 +8,10 @@ DFA sends every hidden layer delta[i] = (delta[L] D[i]) * g'(z[i]), D[i] fixed a
 shape (n_L, n_i). Its distribution is a free choice of the implementation. This script trains
 the protocol of experiment=rules_mnist1d (MLP 40-256-256-10, ReLU, He init of W, zero b, SGD
 lr 0.05, momentum 0.9, weight decay 1e-4, batch 64, 60 epochs on all 4000 training rows, last
-weights tested on the 1000 test rows) with manualbp's own MLP(rule="dfa").backprop, the W of
-each seed drawn exactly as the harness draws them (manualbp.lit.module.initialise), and only D
-drawn differently per variant (after W, so W is the same for every variant of a seed):
+weights tested on the 1000 test rows) with manualbp's own MLP(rule="dfa").backprop, W drawn by
+the harness's initialise (manualbp.lit.module.initialise) after torch.manual_seed(seed), and
+only D drawn differently per variant (after W, so W is the same for every variant of a seed).
+A seed here is not the harness's run of that seed (another loop), only the same protocol:
 
     he_n_i      N(0, 2 / n_i)          kaiming_normal_ on (n_L, n_i): fan_in = n_i, as FA's B
                                        under init=he has fan_in = its n_in (manualbp's default)
