@@ -99,7 +99,15 @@ def attach(layer: nn.Linear, rule: str, n_L: int | None = None) -> None:
 def redraw(layer: nn.Module, init: str) -> None:
     """Draw a random `feedback` again as W was drawn ("he": normal, std sqrt(2 / fan_in);
     "xavier": normal, std sqrt(2 / (fan_in + fan_out))); sign symmetry's is made again from the
-    new W (its magnitude s = rms(W) with it)."""
+    new W (its magnitude s = rms(W) with it).
+
+    fan_in is the matrix's second dimension, the width the error it carries lands in: n_in for
+    FA's and KP's B (W's shape), n_i for DFA's D[i] (n_L, n_i). So DFA's D is drawn as FA's B
+    would be in that shape: the last hidden layer's D and FA's output-layer B are alike (with
+    one hidden layer DFA is FA), and under "he" DFA's delta[i] starts at about backprop's size. On
+    MNIST-1D other draws of D move DFA's accuracy by several points (benchmarks/dfa_feedback.py
+    and README.md's learning-rules section give the figures).
+    """
     B = getattr(layer, "feedback", None)
     if B is None:
         return

@@ -3,12 +3,17 @@ results file, and the README table rendered from that file (never typed by hand)
 
 experiment=rules_mnist1d sweeps model.rule x seed; each job returns its RunResult (train.py's
 main returns it), on_job_end keeps (rule, seed, test accuracy, wall time), and on_multirun_end
-writes them with the per-rule means to `path` as JSON. `python -m manualbp.lit.rules_table
+writes them with the per-rule means to `path` as JSON, merged by rule into what the file held: a
+swept rule's runs replace that rule's old runs, the other rules' runs stay (so a sweep of one
+rule, `python train.py experiment=rules_mnist1d model.rule=dfa`, updates only its rows). A file
+of another protocol is replaced whole; a sweep in which no job finished leaves the file as it
+was. `python -m manualbp.lit.rules_table
 benchmarks/results/rules_mnist1d.json` prints the Markdown table that README.md carries; a test
 holds the two equal.
 """
 
 import json
+import logging
 import os
 import statistics
 import sys
@@ -17,11 +22,15 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from manualbp.rules import ALIASES
+
 # An independent implementation's test accuracy (%) on MNIST-1D under the same protocol
 # (issue 11's Targets); the paper's MLP trained by backprop: 68%.
 REFERENCE = {"backprop": 67.3, "kolen_pollack": 67.4, "sign_symmetry": 61.9,
              "feedback_alignment": 58.5, "direct_feedback_alignment": 57.7}
 TOLERANCE = 1.5  # points
+
+log = logging.getLogger(__name__)
 
 
 class RulesTable(Callback):
@@ -53,7 +62,8 @@ class RulesTable(Callback):
         if "test/acc" not in metrics:
             return  # a failed job, or one whose test did not run: Hydra reports it
         self.runs.append({
-            "rule": str(config.model.rule), "seed": int(config.seed),
+            "rule": ALIASES.get(str(config.model.rule), str(config.model.rule)),  # dfa: full
+            "seed": int(config.seed),
             "test_acc": 100.0 * metrics["test/acc"],
             "global_step": int(result.global_step),
             "wall_s": round(time.perf_counter() - self._start, 1),
@@ -61,7 +71,37 @@ class RulesTable(Callback):
         })
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        write_results(self.path, self.runs, self.protocol, self.reference)
+        if not self.runs:
+            log.warning("rules table: no job of the sweep finished with a test/acc; %s is left "
+                        "as it was", self.path)
+            return
+        runs = merge_runs(self.path, self.runs, self.protocol)
+        write_results(self.path, runs, self.protocol, self.reference)
+
+
+def merge_runs(path: str, runs: list[dict], protocol: str) -> list[dict]:
+    """The file's runs (if it exists and holds `protocol`) with each rule found in runs
+    replaced by all of its new runs, in the file's place; rules new to the file come last."""
+    file = Path(path)
+    if not file.exists():
+        return list(runs)
+    old = json.loads(file.read_text())
+    if old.get("protocol") != protocol:
+        log.warning("rules table: %s holds another protocol (%r); replacing it whole", path,
+                    old.get("protocol"))
+        return list(runs)
+    new: dict[str, list[dict]] = {}
+    for run in runs:
+        new.setdefault(run["rule"], []).append(run)
+    merged, placed = [], set()
+    for run in old.get("runs", []):
+        rule = run["rule"]
+        if rule not in new:
+            merged.append(run)
+        elif rule not in placed:
+            merged += new[rule]
+            placed.add(rule)
+    return merged + [run for rule, rs in new.items() if rule not in placed for run in rs]
 
 
 def summarise(runs: list[dict], reference: dict) -> dict[str, dict]:
