@@ -59,8 +59,8 @@ def sign_feedback(W: Tensor, scale: Tensor | None = None) -> Tensor:
     """uSF: B = sign(W) * scale (default rms(W)), outside any graph (B is no function of W for
     autograd).
 
-    One pass over W: copysign, so an exactly zero weight
-    sends +-scale by the sign bit of its zero rather than 0, and every entry of B is +-scale.
+    One pass over W: copysign, so an exactly zero weight sends +-scale by the sign bit of its
+    zero rather than 0, and every entry of B is +-scale.
     """
     W = W.detach()
     if scale is None:
