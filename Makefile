@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 
 # The parity suites run twice: on the C++ core (built on first use), then on the Python passes.
 PARITY := tests/test_mlp.py tests/test_mlp_paths.py tests/test_linear.py tests/test_linear_paths.py \
-	tests/test_losses.py tests/test_modules.py
+	tests/test_losses.py tests/test_modules.py tests/test_rules.py
 
 test: $(BIN)/.installed
 	MANUALBP_NATIVE=0 $(BIN)/python -m pytest -q $(PARITY)

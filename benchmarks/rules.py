@@ -34,7 +34,9 @@ SHAPES = {"mnist1d 40-256-256-10, batch 64": ([40, 256, 256, 10], 64),
           "wide 784-1024-1024-10, batch 256": ([784, 1024, 1024, 10], 256)}
 
 
-def make_step(path: str, rule: str, sizes, x, y, update: bool = True):
+def make_step(path: str, rule: str, sizes, x, y, update: bool = True, step_B: bool = True):
+    """One training step's closure; step_B=False leaves Kolen-Pollack's B out of the optimizer
+    (its .grad is still formed), to see what B's own update costs."""
     torch.manual_seed(0)
     if path == "per_layer":
         L = len(sizes) - 1
@@ -44,13 +46,18 @@ def make_step(path: str, rule: str, sizes, x, y, update: bool = True):
             for i in range(L)])
     else:
         model = mb.MLP(sizes, rule=rule)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    named = list(model.named_parameters())
+    opt = torch.optim.SGD([p for n, p in named if step_B or not n.endswith("feedback")], lr=0.01,
+                          momentum=0.9, weight_decay=1e-4)
+    left_out = [p for n, p in named if not step_B and n.endswith("feedback")]
 
     def step():
         if path == "backprop()":
             model.backprop(x, y, accumulate=False)
         else:
             opt.zero_grad()
+            for B in left_out:  # cleared as the optimizer clears the rest (no accumulation)
+                B.grad = None
             loss = (model.loss(x, y)[0] if path == "node"
                     else mb.softmax_cross_entropy(model(x), y))
             loss.backward()
@@ -68,6 +75,9 @@ def main() -> None:
                         help="torch threads (default 1: on a shared machine more threads than "
                         "free cores make every small GEMM wait for a descheduled thread)")
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    parser.add_argument("--kp-update", action="store_true",
+                        help="instead: Kolen-Pollack's step with and without the optimizer "
+                        "stepping B, against backprop's, per path (B's update's share)")
     parser.add_argument("--akrout-epoch", action="store_true",
                         help="instead: seconds per epoch of Akrout et al.'s 784-500-10 sigmoid "
                         "net on 60000 random MNIST-shaped rows, batch 64, per rule")
@@ -75,6 +85,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.akrout_epoch:
         return akrout_epoch()
+    if args.kp_update:
+        return kp_update(args)
     load_before = os.getloadavg()
     results = {}
     for shape, (sizes, batch) in SHAPES.items():
@@ -98,6 +110,36 @@ def main() -> None:
     if args.out:
         Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results},
                                                        indent=1) + "\n")
+        Path(args.out + ".md").write_text(table + "\n")
+
+
+def kp_update(args) -> None:
+    """Kolen-Pollack's step, and the same with B left out of the optimizer, over backprop's."""
+    load_before = os.getloadavg()
+    lines = []
+    for shape, (sizes, batch) in SHAPES.items():
+        x, y = torch.randn(batch, sizes[0]), torch.randint(0, sizes[-1], (batch,))
+        for path in ["backprop()", "node", "per_layer"]:
+            fns = {"backprop": make_step(path, "backprop", sizes, x, y),
+                   "kp": make_step(path, "kolen_pollack", sizes, x, y),
+                   "kp, B not stepped": make_step(path, "kolen_pollack", sizes, x, y,
+                                                  step_B=False)}
+            t = {k: v["median_s"] for k, v in time_interleaved(
+                fns, args.rounds, warmup=3, target_s=args.target_s, sync=lambda: None).items()}
+            share = (t["kp"] - t["kp, B not stepped"]) / t["kp"]
+            lines.append(f"| {shape}, {path} ({1e3 * t['backprop']:.2f} ms) | "
+                         f"{t['kp'] / t['backprop']:.3f} | "
+                         f"{t['kp, B not stepped'] / t['backprop']:.3f} | {100 * share:.0f}% |")
+    load_after = os.getloadavg()
+    table = "\n".join([
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} "
+        f"interleaved rounds, load average {load_before[0]:.1f} -> {load_after[0]:.1f}; "
+        "Kolen-Pollack's SGD step time over backprop's on the same path (backprop's median ms "
+        "in brackets)", "",
+        "| shape, path | kolen_pollack | B not stepped by the optimizer | B's update, share of "
+        "the step |", "|---|---|---|---|", *lines])
+    print(table)
+    if args.out:
         Path(args.out + ".md").write_text(table + "\n")
 
 

@@ -326,9 +326,9 @@ def _apply(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str,
            B: Tensor | None = None, probe=None) -> Tensor:
     """B: a rule's feedback matrix or None; probe: a manualbp.per_example layer probe (then
     always LinearActFunction), or None."""
-    lib = _native(a_prev) if B is None and probe is None else None
-    if lib is not None:  # the C++ twin, for plain eager float32/float64 backprop calls
-        return lib.linear_act(a_prev, W, b, activation)
+    lib = _native(a_prev) if probe is None else None
+    if lib is not None:  # the C++ twin, for plain eager float32/float64 calls, any rule's B
+        return lib.linear_act(a_prev, W, b, activation, B)
     dtype = autocast_dtype(a_prev)
     if dtype is None:
         if probe is None and ACTIVATIONS[activation].from_output and not tracing():

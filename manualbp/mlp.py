@@ -123,15 +123,16 @@ class MLP(nn.Module):
         pe = active()  # a per_example block: the pass hands each layer's share to its probe
         node = None if pe is None else pe.node_probes(self.layers, x, traced_ok=True)
         probes = None if node is None else node.probes
-        # the C++ step serves backprop on leaf parameters with no per-example probe; a
+        # the C++ step serves every rule on leaf parameters with no per-example probe; a
         # parametrized weight's gradient must go on through autograd (below)
         leaves = all(p is None or p.grad_fn is None for p in params)
         lib = (_native(x) if dtype is None and probes is None and leaves
                and _native_serves(self) else None)
         with torch.no_grad() if lib is None else _NO_CONTEXT:  # C++ turns grad mode off itself
             try:
-                if lib is not None:  # the same pass in C++; it writes .grad itself
-                    return lib.backprop(x, target, params, activations, accumulate)
+                if lib is not None:  # the same pass in C++; it writes .grad itself (B's too)
+                    return lib.backprop(x, target, params, activations, accumulate,
+                                        feedback or (), source == DIRECT)
                 if dtype is None:
                     grads, loss = self._backprop(x, target, params, activations, params,
                                                  probes, feedback=feedback, source=source)
@@ -281,9 +282,9 @@ class MLP(nn.Module):
             if probes is not None:
                 probes.trace, trace = trace, probes
         if dtype is None and trace is None and x.dtype in _EAGER_DTYPES and not tracing():
-            lib = _native_lib() if source is None and _native_serves(self) else None
-            if lib is not None:  # the C++ twin when built
-                out = lib.mlp(x, target, activations, params)
+            lib = _native_lib() if _native_serves(self) else None
+            if lib is not None:  # the C++ twin when built, the rule's matrices handed to it
+                out = lib.mlp(x, target, activations, params, feedback or (), source == DIRECT)
                 return (out[0], None) if target is None else out
             out = _eager_apply(x, target, activations, *params, *rule_args)
             return (out, None) if target is None else out

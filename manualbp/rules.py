@@ -59,8 +59,8 @@ def sign_feedback(W: Tensor, scale: Tensor | None = None) -> Tensor:
     """uSF: B = sign(W) * scale (default rms(W)), outside any graph (B is no function of W for
     autograd).
 
-    One pass over W (this runs every training forward): copysign, so an exactly zero weight
-    sends +-scale by the sign bit of its zero rather than 0, and every entry of B is +-scale.
+    One pass over W: copysign, so an exactly zero weight sends +-scale by the sign bit of its
+    zero rather than 0, and every entry of B is +-scale.
     """
     W = W.detach()
     if scale is None:
@@ -125,16 +125,17 @@ def redraw(layer: nn.Module, init: str) -> None:
 def feedback_of(layer: nn.Module) -> Tensor | None:
     """The matrix layer's error goes down through this step: None for backprop (W itself).
 
-    Sign symmetry's B is sign(current W) * s, s = |any entry of feedback| (fixed at
-    initialisation); in
-    eager mode the `feedback` buffer is rebound to it (not written in place: an earlier forward
-    may still have the old B saved for its backward), so it shows the B of the latest forward.
+    Sign symmetry's B is sign(current W) * s, s fixed at initialisation: every entry of the
+    `feedback` buffer is +-s, so copysign(feedback, W) is that B in one kernel (bit for bit
+    sign_feedback(W, sign_scale(feedback)), without reading s out first). In eager mode the
+    buffer is rebound to it (not written in place: an earlier forward may still have the old B
+    saved for its backward), so it shows the B of the latest forward.
     """
     rule = layer.rule
     if rule == "backprop":
         return None
     if rule == "sign_symmetry":
-        B = sign_feedback(layer.weight, sign_scale(layer.feedback))
+        B = torch.copysign(layer._buffers["feedback"], layer.weight.detach())
         if not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
             layer._buffers["feedback"] = B
         return B

@@ -14,7 +14,7 @@ from oracle import noncontiguous_randn
 from torch import nn
 
 import manualbp as mb
-from manualbp.rules import redraw
+from manualbp.rules import redraw, sign_feedback, sign_scale
 
 RULES = ["feedback_alignment", "sign_symmetry", "kolen_pollack"]  # per layer
 MLP_RULES = [*RULES, "direct_feedback_alignment"]
@@ -284,6 +284,12 @@ def test_sign_symmetry_follows_Ws_sign_with_the_magnitude_it_started_with():
     redraw(layer, "he")  # a new init takes a new magnitude
     s = layer.weight.detach().square().mean().sqrt()
     torch.testing.assert_close(layer.feedback, layer.weight.detach().sign() * s)
+    with torch.no_grad():  # exact zeros of either sign send +-s by their sign bit
+        layer.weight[0, :2] = torch.tensor([0.0, -0.0])
+    want = sign_feedback(layer.weight, sign_scale(layer.feedback))
+    layer(torch.randn(2, 4))  # the forward's B, copysign(feedback, W): the same bits
+    assert torch.equal(layer.feedback, want) and torch.equal(layer.feedback.abs(), s.expand(3, 4))
+    assert layer.feedback[0, 0] > 0 > layer.feedback[0, 1]
 
 
 def test_rules_under_autocast_match_the_reference_in_bf16_tolerance():

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from manualbp.apply import autocast_dtype, tracing
+from manualbp.rules import RULES
 
 _log = logging.getLogger("manualbp")
 _HERE = Path(__file__).resolve().parent
@@ -152,11 +153,15 @@ def eager(t: torch.Tensor):
     return lib()
 
 
+_SERVED = frozenset((None, *RULES))
+
+
 def serves(module) -> bool:
-    """Whether the native core implements what this module asks for: the backprop rule (until
-    the C++ pass is handed the rules' feedback matrices, any other rule runs in Python). Read
-    from the instance dict: nn.Module.__getattr__ on a missing name raises, which costs."""
-    return module.__dict__.get("rule", "backprop") in ("backprop", None)
+    """Whether the native core implements what this module asks for: every learning rule in
+    manualbp.rules (the C++ pass is handed their feedback matrices), so any module whose rule is
+    known. Read from the instance dict: nn.Module.__getattr__ on a missing name raises, which
+    costs."""
+    return module.__dict__.get("rule", "backprop") in _SERVED
 
 
 @contextlib.contextmanager

@@ -163,23 +163,40 @@ Tensor softmax_ce_delta(const Tensor& grad_loss, const Tensor& log_yhat, const T
 
 std::pair<std::vector<Tensor>, Tensor> backward_pass(
     Tensor grad_a, bool own, const Tensor& x, std::vector<Tensor>& outs, std::vector<Tensor>& zs,
-    const std::vector<Tensor>& down, const std::vector<Step>& steps, const std::vector<bool>& needs,
-    bool scratch) {
+    const std::vector<Tensor>& weights, const std::vector<Step>& steps,
+    const std::vector<bool>& needs, bool scratch, const std::vector<Tensor>& feedback,
+    bool direct) {
   const int64_t L = static_cast<int64_t>(steps.size());
-  std::vector<Tensor> grads(2 * L);
+  const bool per_layer = !feedback.empty() && !direct;
+  std::vector<Tensor> grads(per_layer ? 3 * L : 2 * L);  // then Kolen-Pollack's grads of B
+  Tensor delta_L;
   for (int64_t i = L - 1; i >= 0; --i) {  // layer i + 1 in the slides' numbering
-    if (!grad_a.defined()) continue;        // no gradient reached this layer
-    const Step& step = steps[i];
-    Tensor delta = delta_from(grad_a, step.keeps_z ? zs[i] : outs[i], step, own);
+    if (direct && i < L - 1) {  // DFA: the error comes straight from the output layer
+      grad_a = delta_L.defined() ? delta_L.mm(feedback[i]) : Tensor();  // (m, n_i)
+      own = scratch;
+    }
+    Tensor delta;
+    if (grad_a.defined()) {  // delta = grad_a * g'(z)
+      const Step& step = steps[i];
+      delta = delta_from(grad_a, step.keeps_z ? zs[i] : outs[i], step, own);
+    }
     grad_a.reset();
     outs[i].reset();  // a[i] and z[i] have served; a[i-1] is still needed below
     zs[i].reset();
+    if (i == L - 1) delta_L = delta;
+    if (!delta.defined()) continue;  // no gradient reached this layer
     const Tensor& a_prev = i > 0 ? outs[i - 1] : x;
-    auto [grad_a_prev, grad_W, grad_b] = layer_grads(
-        delta, a_prev, down[i], i > 0 || needs[0], needs[1 + 2 * i], needs[2 + 2 * i]);
+    const bool need_B = per_layer && needs[1 + 2 * L + i];
+    const bool need_down = direct ? (i == 0 && needs[0]) : (i > 0 || needs[0]);
+    // the one per-layer step every path shares: grad_W = delta^T a_prev, grad_b = sum(delta),
+    // dL/da[i-1] = delta W (or delta B[i] under a rule)
+    auto [grad_a_prev, grad_W, grad_b] =
+        layer_grads(delta, a_prev, per_layer ? feedback[i] : weights[i], need_down,
+                    needs[1 + 2 * i] || need_B, needs[2 + 2 * i]);
     grad_a = std::move(grad_a_prev);
-    grads[2 * i] = std::move(grad_W);
     grads[2 * i + 1] = std::move(grad_b);
+    if (need_B) grads[2 * L + i] = grad_W;  // Kolen-Pollack: B gets W's update
+    if (needs[1 + 2 * i]) grads[2 * i] = std::move(grad_W);
     own = scratch;
   }
   return {std::move(grads), std::move(grad_a)};
@@ -203,9 +220,12 @@ Step step_of(Act act) {
 namespace {
 
 // MLP._backprop: forward, delta[L] = (yhat - y) / m, the recursion; no autograd anywhere.
+// feedback, direct: the rule's, as backward_pass takes them (empty: backprop).
 std::pair<std::vector<Tensor>, Tensor> backprop_grads(const Tensor& x, const Tensor& target,
                                                       const std::vector<Tensor>& params,
-                                                      const std::vector<Step>& steps) {
+                                                      const std::vector<Step>& steps,
+                                                      const std::vector<Tensor>& feedback,
+                                                      bool direct) {
   Tensor x2 = rows(x);
   Tensor y = target.reshape(-1);
   auto [outs, zs] = forward_pass(x2, steps, params, /*inplace=*/true);
@@ -216,29 +236,45 @@ std::pair<std::vector<Tensor>, Tensor> backprop_grads(const Tensor& x, const Ten
   Tensor delta_L = softmax_ce_delta(at::ones_like(loss), log_yhat, y, count);
   log_yhat.reset();
   std::vector<bool> needs = {false};
-  std::vector<Tensor> down;
+  std::vector<Tensor> weights;
   for (const auto& p : params) needs.push_back(p.defined() && p.requires_grad());
-  for (size_t i = 0; i < steps.size(); ++i) down.push_back(params[2 * i]);
-  auto [grads, unused] = backward_pass(delta_L, true, x2, outs, zs, down, steps, needs, true);
+  if (!feedback.empty() && !direct) {  // which B want a gradient (Kolen-Pollack's)
+    for (const auto& B : feedback) needs.push_back(B.defined() && B.requires_grad());
+  }
+  for (size_t i = 0; i < steps.size(); ++i) weights.push_back(params[2 * i]);
+  auto [grads, unused] =
+      backward_pass(delta_L, true, x2, outs, zs, weights, steps, needs, true, feedback, direct);
   return {std::move(grads), loss};
+}
+
+// As backward() would: add g to p's .grad, or (accumulate=false, or none yet) replace it.
+void set_grad(const Tensor& p, const Tensor& g, bool accumulate) {
+  Tensor& grad = const_cast<Tensor&>(p).mutable_grad();
+  if (!grad.defined() || !accumulate) {
+    grad = g;
+  } else {
+    grad.add_(g);
+  }
 }
 
 }  // namespace
 
 Tensor backprop(const Tensor& x, const Tensor& target,
                 const std::vector<std::optional<Tensor>>& params,
-                const std::vector<std::string>& activations, bool accumulate) {
+                const std::vector<std::string>& activations, bool accumulate,
+                const std::vector<std::optional<Tensor>>& feedback, bool direct) {
   at::NoGradGuard no_grad;
   std::vector<Tensor> ps = defined_or_empty(params);
-  auto [grads, loss] = backprop_grads(x, target, ps, plan(activations));
-  for (size_t j = 0; j < ps.size(); ++j) {  // as backward() would: add to .grad, or replace it
-    if (!grads[j].defined()) continue;
-    Tensor& grad = ps[j].mutable_grad();
-    if (!grad.defined() || !accumulate) {
-      grad = grads[j];
-    } else {
-      grad.add_(grads[j]);
-    }
+  std::vector<Tensor> fb = defined_or_empty(feedback);
+  auto [grads, loss] = backprop_grads(x, target, ps, plan(activations), fb, direct);
+  const size_t P = ps.size();
+  for (size_t j = 0; j < P; ++j) {
+    if (grads[j].defined()) set_grad(ps[j], grads[j], accumulate);
+  }
+  for (size_t i = 0; i < grads.size() - P; ++i) {  // Kolen-Pollack's B: its own tensor
+    Tensor g = grads[P + i];
+    if (!g.defined()) continue;
+    set_grad(fb[i], g.is_same(grads[2 * i]) ? g.clone() : g, accumulate);
   }
   return loss;
 }
@@ -251,7 +287,7 @@ double floor_seconds(const Tensor& x, const Tensor& target,
   std::vector<Tensor> ps = defined_or_empty(params);
   std::vector<Step> steps = plan(activations);
   auto t0 = std::chrono::steady_clock::now();
-  for (int64_t r = 0; r < reps; ++r) backprop_grads(x, target, ps, steps);
+  for (int64_t r = 0; r < reps; ++r) backprop_grads(x, target, ps, steps, {}, false);
   std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
   return dt.count() / static_cast<double>(reps);
 }

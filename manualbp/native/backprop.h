@@ -7,8 +7,8 @@
 //              delta[i-1] = (delta[i] B[i]) * g'(z[i-1])     B[i] = W[i] for backprop
 //
 // Same aten kernels in the same order as the Python passes, so results are bit-identical.
-// B[i], the matrix the error goes down through, is an argument per layer (`down`): a learning
-// rule passes its own, everything else passes the weights.
+// A learning rule (manualbp/rules.py) replaces W[i] in the last line by its B[i] or, for direct
+// feedback alignment, sends every hidden layer delta[L] D[i]: backward_pass takes its matrices.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -65,12 +65,19 @@ Tensor softmax_ce_delta(const Tensor& grad_loss, const Tensor& log_yhat, const T
 // Every grad_W[i], grad_b[i] (flat: W1, b1, ...) and dL/dx, by the recursion.
 // grad_a: dL/da[L]; own: it is a temporary of ours. outs, zs: as forward_pass gives them (a[L]
 // may be undefined when the output layer's g' does not read it); both are consumed.
-// down[i]: what the error goes down through at layer i + 1. needs: dL/dx wanted, then per
-// parameter W1, b1, ... whether it is wanted. scratch: no graph is being built.
+// weights: W[1..L]. needs: dL/dx wanted, then per parameter W1, b1, ... whether it is wanted.
+// scratch: no graph is being built.
+// feedback: a learning rule's matrix per layer (empty: backprop, W throughout).
+//   direct=false: B[i] shaped like W[i]; dL/da[i-1] = delta[i] B[i]. needs then also holds,
+//   after the 2L parameters, whether each B[i] wants a gradient (Kolen-Pollack's is grad_W[i]),
+//   and grads grows by those L entries.
+//   direct=true (DFA): D[i] (n_L, n_i) for each hidden layer (undefined for the output layer);
+//   dL/da[i] = delta[L] D[i], all from delta[L] alone, and only dL/dx still uses W[1].
 std::pair<std::vector<Tensor>, Tensor> backward_pass(
     Tensor grad_a, bool own, const Tensor& x, std::vector<Tensor>& outs, std::vector<Tensor>& zs,
-    const std::vector<Tensor>& down, const std::vector<Step>& steps, const std::vector<bool>& needs,
-    bool scratch);
+    const std::vector<Tensor>& weights, const std::vector<Step>& steps,
+    const std::vector<bool>& needs, bool scratch, const std::vector<Tensor>& feedback = {},
+    bool direct = false);
 
 // (*, n) as (m, n): every leading dim is an example.
 Tensor rows(const Tensor& t);
@@ -80,10 +87,13 @@ std::vector<Tensor> defined_or_empty(const std::vector<std::optional<Tensor>>& p
 
 // MLP.backprop's step with no autograd at all: forward, delta[L] = (yhat - y) / m, the
 // recursion, each gradient added to (or, accumulate=false, put in) its parameter's .grad.
-// Returns the mean cross-entropy.
+// feedback, direct: the rule's matrices as backward_pass takes them (empty: backprop);
+// Kolen-Pollack's B get grad_W in .grad too, each as its own tensor. Returns the mean
+// cross-entropy.
 Tensor backprop(const Tensor& x, const Tensor& target,
                 const std::vector<std::optional<Tensor>>& params,
-                const std::vector<std::string>& activations, bool accumulate);
+                const std::vector<std::string>& activations, bool accumulate,
+                const std::vector<std::optional<Tensor>>& feedback, bool direct);
 
 // Seconds per call of backprop's kernels run `reps` times back to back (the benchmark's floor).
 double floor_seconds(const Tensor& x, const Tensor& target,

@@ -51,10 +51,14 @@ std::vector<Step> steps_of(const c10::IValue& codes) {
 }  // namespace
 
 // logits[, loss] for x (*, n_0): MLPEagerFunction's forward and backward.
+// has_feedback, direct, feedback: a learning rule's matrices (rules.split's), the defined ones
+// (DFA's output layer has none) and which layers hold one; all empty for backprop.
 struct MLPNode : torch::autograd::Function<MLPNode> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& target,
                                const std::vector<std::string>& activations,
-                               const c10::List<bool>& has_bias, at::TensorList defined) {
+                               const c10::List<bool>& has_bias, at::TensorList defined,
+                               const c10::List<bool>& has_feedback, bool direct,
+                               at::TensorList feedback) {
     std::vector<Step> steps = plan(activations);
     std::vector<Tensor> params = with_gaps(defined, has_bias);
     auto [outs, zs] = forward_pass(rows(x), steps, params, /*inplace=*/true);
@@ -67,6 +71,8 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     }
     ctx->saved_data["steps"] = codes(activations);
     ctx->saved_data["bias"] = has_bias;
+    ctx->saved_data["feedback"] = has_feedback;
+    ctx->saved_data["direct"] = direct;
     ctx->set_materialize_grads(false);
     if (steps.back().identity || steps.back().keeps_z) outs.back() = Tensor();
     variable_list saved = {x, Tensor(), Tensor(), Tensor()};
@@ -80,6 +86,7 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     saved.insert(saved.end(), defined.begin(), defined.end());
     saved.insert(saved.end(), outs.begin(), outs.end());
     saved.insert(saved.end(), zs.begin(), zs.end());
+    saved.insert(saved.end(), feedback.begin(), feedback.end());
     ctx->save_for_backward(std::move(saved));
     return result;
   }
@@ -88,15 +95,22 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     std::vector<Step> steps = steps_of(ctx->saved_data["steps"]);
     const size_t L = steps.size();
     c10::List<bool> has_bias = ctx->saved_data["bias"].toBoolList();
+    c10::List<bool> has_feedback = ctx->saved_data["feedback"].toBoolList();
+    const bool direct = ctx->saved_data["direct"].toBool();
     size_t P = L;  // how many parameters were given
     for (bool has : has_bias) P += has;
+    size_t F = 0;  // how many feedback matrices
+    for (bool has : has_feedback) F += has;
     variable_list saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &y = saved[1], &count = saved[3];
     Tensor log_yhat = saved[2];
     std::vector<Tensor> params =
         with_gaps(at::TensorList(saved.data() + 4, P), has_bias);
     std::vector<Tensor> outs(saved.begin() + 4 + P, saved.begin() + 4 + P + L);
-    std::vector<Tensor> zs(saved.begin() + 4 + P + L, saved.end());
+    std::vector<Tensor> zs(saved.begin() + 4 + P + L, saved.begin() + 4 + P + 2 * L);
+    std::vector<Tensor> feedback;  // per layer, undefined where a layer has none
+    size_t k = 4 + P + 2 * L;
+    for (bool has : has_feedback) feedback.push_back(has ? saved[k++] : Tensor());
     Tensor x2 = rows(x);
     bool scratch = !at::GradMode::is_enabled();
     if (!scratch) {  // create_graph: rebuild a[i], z[i] as functions of x and the weights
@@ -111,21 +125,35 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
       grad_a = grad_a.defined() ? grad_a + delta_L : delta_L;
       own = scratch;
     }
-    variable_list result(4 + P);  // x, target, activations, has_bias, the given parameters
+    // x, target, activations, has_bias, the given parameters, has_feedback, direct, feedback
+    variable_list result(4 + P + 2 + F);
     if (!grad_a.defined()) return result;
-    // edges: x, then the target when there is one (an integer tensor), then each parameter
+    // edges: x, then the target when there is one (an integer tensor), then each parameter,
+    // then each feedback matrix
     size_t edge = y.defined() ? 2 : 1;
     std::vector<bool> needs = {ctx->needs_input_grad(0)};
-    std::vector<Tensor> down;
+    std::vector<Tensor> weights;
     for (size_t j = 0; j < 2 * L; ++j) {
       needs.push_back(params[j].defined() && ctx->needs_input_grad(edge++));
     }
-    for (size_t i = 0; i < L; ++i) down.push_back(params[2 * i]);
-    auto [grads, grad_x] = backward_pass(grad_a, own, x2, outs, zs, down, steps, needs, scratch);
+    const bool per_layer = F > 0 && !direct;
+    if (per_layer) {  // which B want a gradient (Kolen-Pollack's)
+      for (size_t i = 0; i < L; ++i) {
+        needs.push_back(feedback[i].defined() && ctx->needs_input_grad(edge++));
+      }
+    }
+    for (size_t i = 0; i < L; ++i) weights.push_back(params[2 * i]);
+    if (F == 0) feedback.clear();  // backprop
+    auto [grads, grad_x] = backward_pass(grad_a, own, x2, outs, zs, weights, steps, needs,
+                                         scratch, feedback, direct);
     if (grad_x.defined() && needs[0]) result[0] = grad_x.reshape(x.sizes());
-    size_t k = 4;
+    k = 4;
     for (size_t j = 0; j < 2 * L; ++j) {
       if (params[j].defined()) result[k++] = grads[j];
+    }
+    if (per_layer) {
+      k += 2;  // has_feedback, direct
+      for (size_t i = 0; i < L; ++i) result[k++] = grads[2 * L + i];
     }
     return result;
   }
@@ -133,42 +161,57 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
 
 // a = g(a_prev W^T + b): LinearActEagerFunction for every activation. Where g' reads a, a is
 // saved as the output it is; where g' needs z, z is saved and, under create_graph, rebuilt from
-// the saved inputs so that second derivatives stay exact.
+// the saved inputs so that second derivatives stay exact. B: a learning rule's feedback matrix
+// (shaped like W), which the error goes down through instead of W; when it wants a gradient
+// (Kolen-Pollack) that is grad_W.
 struct LinearActNode : torch::autograd::Function<LinearActNode> {
-  // need_a_prev, need_W: whether a gradient will be asked of each (read before apply, which
-  // runs forward with grad mode off and, when nothing requires grad, with no edges to ask).
+  // need_a_prev, need_W: whether a gradient will be asked of each, W's counting B's (read
+  // before apply, which runs forward with grad mode off and, when nothing requires grad, with
+  // no edges to ask).
   static Tensor forward(AutogradContext* ctx, const Tensor& a_prev, const Tensor& W,
-                        const OptTensor& b, const std::string& activation, bool need_a_prev,
-                        bool need_W) {
+                        const OptTensor& b, const OptTensor& B, const std::string& activation,
+                        bool need_a_prev, bool need_W) {
     Step step = step_of(activation);
     Tensor z = at::linear(a_prev, W, b);  // (*, n_out)
     ctx->saved_data["act"] = static_cast<int64_t>(step.act);
     ctx->saved_data["bias"] = b.has_value();
+    ctx->saved_data["B"] = B.has_value();
+    Tensor down = B.has_value() ? *B : W;  // what grad_a_prev is formed with
     if (step.keeps_z) {
       Tensor a = g(step, z, false);
-      ctx->save_for_backward({a_prev, W, b.value_or(Tensor()), z});
+      ctx->save_for_backward({a_prev, W, b.value_or(Tensor()), z, B.value_or(Tensor())});
       return a;
     }
     Tensor a = g(step, z, true);
-    ctx->save_for_backward({need_W ? a_prev : Tensor(), need_a_prev ? W : Tensor(), Tensor(),
-                            step.identity ? Tensor() : a});
+    ctx->save_for_backward({need_W ? a_prev : Tensor(), need_a_prev ? down : Tensor(), Tensor(),
+                            step.identity ? Tensor() : a, Tensor()});
     return a;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     Step step = step_of(static_cast<Act>(ctx->saved_data["act"].toInt()));
     bool has_bias = ctx->saved_data["bias"].toBool();
+    bool has_B = ctx->saved_data["B"].toBool();
     variable_list saved = ctx->get_saved_variables();
     const Tensor &a_prev = saved[0], &W = saved[1];
     Tensor t = saved[3];
     const Tensor& grad_a = grad_out[0];
-    if (!grad_a.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    variable_list result(8);  // a_prev, W, b, B, activation, need_a_prev, need_W
+    if (!grad_a.defined()) return result;
     if (step.keeps_z && at::GradMode::is_enabled()) t = at::linear(a_prev, W, opt(saved[2]));
     Tensor delta = step.identity ? grad_a : delta_from(grad_a, t, step, false);
+    // edges: a_prev, W, then b and B where given
+    bool need_W = ctx->needs_input_grad(1);
+    bool need_B = has_B && ctx->needs_input_grad(has_bias ? 3 : 2);
+    const Tensor& down = step.keeps_z && has_B ? saved[4] : W;  // saved as `down` otherwise
     auto [grad_a_prev, grad_W, grad_b] =
-        layer_grads(delta, a_prev, W, ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+        layer_grads(delta, a_prev, down, ctx->needs_input_grad(0), need_W || need_B,
                     has_bias && ctx->needs_input_grad(2));
-    return {grad_a_prev, grad_W, grad_b, Tensor(), Tensor(), Tensor()};
+    result[0] = grad_a_prev;
+    result[1] = need_W ? grad_W : Tensor();
+    result[2] = grad_b;
+    result[3] = need_B ? grad_W : Tensor();
+    return result;
   }
 };
 
@@ -320,21 +363,35 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace manualbp;
   m.def("mlp", [](const Tensor& x, const OptTensor& target,
                   const std::vector<std::string>& activations,
-                  const std::vector<OptTensor>& params) {
-    c10::List<bool> has_bias;
-    std::vector<Tensor> defined;
+                  const std::vector<OptTensor>& params, const std::vector<OptTensor>& feedback,
+                  bool direct) {
+    c10::List<bool> has_bias, has_feedback;
+    std::vector<Tensor> defined, fb;
     for (size_t j = 0; j < params.size(); ++j) {
       if (j % 2) has_bias.push_back(params[j].has_value());
       if (params[j].has_value()) defined.push_back(*params[j]);
     }
-    return MLPNode::apply(x, target, activations, has_bias, at::TensorList(defined));
-  });
+    for (const auto& B : feedback) {
+      has_feedback.push_back(B.has_value());
+      if (B.has_value()) fb.push_back(*B);
+    }
+    TORCH_CHECK_VALUE(feedback.empty() || feedback.size() == activations.size(),
+                      "manualbp native: expected one feedback entry per layer (",
+                      activations.size(), "), got ", feedback.size());
+    TORCH_CHECK_VALUE(direct || fb.size() == feedback.size(),
+                      "manualbp native: a per-layer rule needs a feedback matrix for every layer");
+    return MLPNode::apply(x, target, activations, has_bias, at::TensorList(defined),
+                          has_feedback, direct, at::TensorList(fb));
+  }, py::arg("x"), py::arg("target"), py::arg("activations"), py::arg("params"),
+        py::arg("feedback") = std::vector<OptTensor>(), py::arg("direct") = false);
   m.def("linear_act", [](const Tensor& a_prev, const Tensor& W, const OptTensor& b,
-                         const std::string& activation) {
+                         const std::string& activation, const OptTensor& B) {
     bool grad = at::GradMode::is_enabled();
-    return LinearActNode::apply(a_prev, W, b, activation, grad && a_prev.requires_grad(),
-                                grad && W.requires_grad());
-  });
+    bool need_W = W.requires_grad() || (B.has_value() && B->requires_grad());
+    return LinearActNode::apply(a_prev, W, b, B, activation, grad && a_prev.requires_grad(),
+                                grad && need_W);
+  }, py::arg("a_prev"), py::arg("W"), py::arg("b"), py::arg("activation"),
+        py::arg("B") = py::none());
   m.def("softmax_cross_entropy",
         [](const Tensor& z, const Tensor& target, const OptTensor& weight, int64_t ignore_index,
            const std::string& reduction, double label_smoothing) {
@@ -349,6 +406,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mse_loss", [](const Tensor& yhat, const Tensor& y, const std::string& reduction) {
     return MSENode::apply(yhat, y, reduction);
   });
-  m.def("backprop", &backprop);
+  m.def("backprop", &backprop, py::arg("x"), py::arg("target"), py::arg("params"),
+        py::arg("activations"), py::arg("accumulate"),
+        py::arg("feedback") = std::vector<OptTensor>(), py::arg("direct") = false);
   m.def("floor_seconds", &floor_seconds);
 }
