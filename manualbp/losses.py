@@ -184,6 +184,7 @@ def softmax_cross_entropy(
         reduction: "mean" (over examples, weighted as torch does), "sum" or "none".
         label_smoothing: eps in [0, 1]: targets become (1 - eps) y + eps / C.
     """
+    given = target  # the checks below see it as given, if the kernel refuses
     z, target, shape = check_cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing
     )
@@ -197,12 +198,16 @@ def softmax_cross_entropy(
     try:
         loss = (lib.softmax_cross_entropy(*args) if lib is not None else apply(
             SoftmaxCrossEntropyFunction, *args))[0]
-    except IndexError as error:  # the loss kernel refused a class index
+    except (IndexError, RuntimeError) as error:  # the loss kernel refused: say why below
         refused = error
     else:
         return loss.reshape(shape) if reduction == "none" else loss
-    explain_class_indices("softmax_cross_entropy", target, z.shape[1], ignore_index)
-    raise refused
+    # every check, with those the usual call leaves to the kernel (the target's length)
+    check_cross_entropy(input, given, weight, ignore_index, reduction, label_smoothing,
+                        full=True)
+    if isinstance(refused, IndexError):  # a class index: say which, and why
+        explain_class_indices("softmax_cross_entropy", target, z.shape[1], ignore_index)
+    raise refused  # the input was fine: the error is about something else
 
 
 @with_jvp
