@@ -223,7 +223,7 @@ def check_linear_args(where: str, a_prev: object, W: Tensor, b: Tensor | None) -
         if (a_prev.dtype is dtype and dtype in _REAL_DTYPES and len(ws) == 2 and xs
                 and xs[-1] == ws[1] and a_prev.layout is _STRIDED and W.layout is _STRIDED
                 and (b is None or (isinstance(b, Tensor) and b.dtype is dtype
-                                   and b.shape == ws[:1]))):
+                                   and len(bs := b.shape) == 1 and bs[0] == ws[0]))):
             return
     if not isinstance(a_prev, Tensor):
         got = type(a_prev).__name__

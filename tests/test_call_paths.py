@@ -211,3 +211,15 @@ def test_the_usual_call_and_the_checked_call_give_the_same_loss(label_smoothing)
     y = torch.tensor([0, 1, 2, 0, 1])
     got = mb.softmax_cross_entropy(z, y, label_smoothing=label_smoothing)
     torch.testing.assert_close(got, F.cross_entropy(z, y))
+
+
+def test_half_logits_under_autocast_take_the_casting_path():
+    """bf16 logits under autocast are not the usual call: the loss runs in float32, as
+    F.cross_entropy's does there."""
+    z = torch.randn(5, 3).to(torch.bfloat16).requires_grad_()
+    y = torch.tensor([0, 1, 2, 0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mb.softmax_cross_entropy(z, y)
+        want = F.cross_entropy(z, y)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want)
