@@ -129,8 +129,8 @@ class SoftmaxCrossEntropyFunction(Function):
         return grad_z, grad_target, None, None, None, None
 
 
-_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
-_HALF = (torch.float16, torch.bfloat16)  # at::Reduction, as nll_loss_forward takes it
+_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as nll_loss_forward takes it
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _plain_one_hot(target, weight, ignore_index, reduction, label_smoothing, count) -> bool:
