@@ -12,7 +12,8 @@ DIGITS_TIME_TARGET = 0.70  # the natural path's whole digits run / sklearn's
 DIGITS_ACC_POINTS = 1.0  # ... at the same test accuracy within this many points
 GRAD_TOL = 1e-5  # float32 grads of one step, relative to autograd
 MANUALBP = ("per_layer", "natural", "mlp", "backprop", "per_layer_py", "natural_py", "mlp_py",
-            "backprop_py", "per_layer_general", "mlp_general")
+            "backprop_py", "per_layer_general", "mlp_general", "per_layer_bare", "natural_bare",
+            "mlp_bare", "backprop_bare")
 PATHS = ("per_layer", "natural", "mlp", "backprop")
 
 
@@ -56,22 +57,26 @@ def step_table(configs: list[dict]) -> str:
 
 
 def native_table(configs: list[dict]) -> str:
-    """Per path: native x autograd, its distance to the floor, the Python fallback (core paused)
+    """Per path: native x autograd, its bare twin's (the native nodes with none of manualbp's
+    Python around them), the path's distance to the floor, the Python fallback (core paused)
     and the fallback without the lean eager twins (general Functions only)."""
-    rows = ["| sizes | act | floor us | " + " | ".join(
-        f"{p} native x / x floor / py x" for p in PATHS) + " | general-only per-layer x / MLP x |",
-        "|---|---|---:|" + "---:|" * (len(PATHS) + 1)]
+    rows = ["| sizes | act | floor us | floor x | " + " | ".join(
+        f"{p} native x / bare x / x floor / py x" for p in PATHS)
+        + " | general-only per-layer x / MLP x |",
+        "|---|---|---:|---:|" + "---:|" * (len(PATHS) + 1)]
     for c in configs:
         fl = c.get("floor")
         cells = []
         for p in PATHS:
             r = _ratio(c, p, "step")
             to_floor = None if r is None or not c.get("floor_x") else r / c["floor_x"]
-            cells.append(f"{_x(r)} / {_x(to_floor)} / {_x(_ratio(c, p + '_py', 'step'))}")
+            cells.append(f"{_x(r)} / {_x(_ratio(c, p + '_bare', 'step'))} / {_x(to_floor)} "
+                         f"/ {_x(_ratio(c, p + '_py', 'step'))}")
         general = (f"{_x(_ratio(c, 'per_layer_general', 'step'))} / "
                    f"{_x(_ratio(c, 'mlp_general', 'step'))}")
         us = "-" if fl is None else f"{fl[c['stat'] + '_s'] * 1e6:,.0f}"
-        rows.append(f"| {_size(c)} | {c['activation']} | {us} | " + " | ".join(cells)
+        rows.append(f"| {_size(c)} | {c['activation']} | {us} | {_x(c.get('floor_x'))} | "
+                    + " | ".join(cells)
                     + f" | {general} |")
     return "\n".join(rows)
 

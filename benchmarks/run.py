@@ -31,7 +31,7 @@ from report import (
     targets_table,
 )
 from step import adam_kwargs, epoch_fns, grad_check, step_fns, sync_for, time_interleaved
-from variants import FALLBACK, NAMES, build
+from variants import BARE, FALLBACK, NAMES, build
 
 from manualbp import native
 
@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=True,
                    help="also time each manualbp path with the C++ core paused (the Python "
                    "Functions) and the general Functions alone (default: yes)")
+    p.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time each path's native nodes called directly, with none of "
+                   "manualbp's Python around them (default: yes, where the C++ core is built)")
     p.add_argument("--out", type=Path, help="JSON path (a .md beside it gets the tables)")
     p.add_argument("--render", type=Path, metavar="JSON",
                    help="measure nothing: print an earlier run's tables, rewrite its .md")
@@ -286,6 +289,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     names = [n for n in NAMES if args.compile or n != "compile"]
     names += list(FALLBACK) if args.fallback else []
+    names += list(BARE) if args.bare and native.lib() is not None else []
     results = {"machine": machine(device), "settings": {
         "rounds": args.rounds, "epoch_rounds": args.epoch_rounds,
         "epoch_batches": args.epoch_batches, "target_ms": args.target_ms, "adam": args.adam,

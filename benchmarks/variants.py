@@ -12,7 +12,10 @@ backprop   manualbp.MLP.backprop: the same pass with no autograd at all; it fill
 Each manualbp variant runs on the C++ core when it is built; <name>_py is the same code with the
 core paused (the Python Functions: the fallback), and <name>_general the fallback as it would be
 without the lean eager twins (LinearActEagerFunction, MLPEagerFunction): the general Functions
-through their automatic old-style twin.
+through their automatic old-style twin. <name>_bare calls the native nodes directly, with none
+of manualbp's Python around them (no checks, no dispatch, parameters read once when built): the
+distance from the path to its bare twin is that Python; from the bare twin to the floor, the
+autograd engine, Tensor.backward's wrapper and nn.Module calls, which autograd pays too.
 """
 
 import copy
@@ -30,6 +33,7 @@ from manualbp.apply import apply
 NAMES = ("autograd", "compile", "per_layer", "natural", "mlp", "backprop")
 FALLBACK = ("per_layer_py", "natural_py", "mlp_py", "backprop_py", "per_layer_general",
             "mlp_general")
+BARE = ("per_layer_bare", "natural_bare", "mlp_bare", "backprop_bare")
 ACT_MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
 
@@ -42,6 +46,7 @@ class Variant:
     loss_fn: Callable[[Tensor, Tensor], Tensor]  # (x (m, n_0), y (m,)) -> scalar loss
     autocast: torch.dtype | None
     source: str = ""
+    fills: bool = False  # loss_fn writes .grad itself, with no graph (backprop_bare)
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
         if self.autocast is None:
@@ -57,6 +62,8 @@ class Variant:
             return self._fill_grads(x, y)
 
     def _fill_grads(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.fills:
+            return self.loss_fn(x, y)
         if not self.name.startswith("backprop"):
             loss = self.loss(x, y)
             loss.backward()
@@ -148,10 +155,49 @@ def build(sizes: list[int], activation: str, device: torch.device, autocast: tor
             net = mb.MLP(sizes, activation).to(device)
             copy_params(reference, net)
             variants[name] = Variant(name, net, _general_mlp(net), autocast)
+        elif name in BARE:
+            variants[name] = _bare(name, reference, sizes, activation, device, autocast)
         else:
             raise ValueError(
-                f"benchmark: unknown variant {name!r}; expected one of {NAMES + FALLBACK}")
+                f"benchmark: unknown variant {name!r}; expected one of {NAMES + FALLBACK + BARE}")
     return variants
+
+
+def _bare(name: str, reference: nn.Sequential, sizes: list[int], activation: str,
+          device: torch.device, autocast: torch.dtype | None) -> Variant:
+    """The path's native nodes called straight from here: what the path costs without
+    manualbp's Python (checks, dispatch, the parameter walk) around them."""
+    lib = native.lib()
+    if lib is None:
+        raise RuntimeError(f"benchmark: {name} needs the C++ core (native.lib() is None)")
+    if name == "per_layer_bare":
+        net, source = per_layer_net(reference, activation)
+        net = net.to(device)
+        layers = [m for m in net if not isinstance(m, nn.Identity)]  # convert's placeholders
+        if not all(isinstance(m, mb.Linear) for m in layers):
+            raise RuntimeError("benchmark: per_layer_bare expects convert to give mb.Linear")
+        steps = [(m.weight, m.bias, m.activation) for m in layers]
+
+        def per_layer(x: Tensor, y: Tensor) -> Tensor:
+            for W, b, act in steps:
+                x = lib.linear_act(x, W, b, act)
+            return F.cross_entropy(x, y)
+
+        return Variant(name, net, per_layer, autocast, source)
+    net = mb.MLP(sizes, activation).to(device)
+    copy_params(reference, net)
+    params, acts = net._flat()
+    if name == "natural_bare":
+        def loss_fn(x: Tensor, y: Tensor) -> Tensor:
+            logits = lib.mlp(x, None, acts, params)[0]
+            return lib.softmax_cross_entropy(logits, y, None, -100, "mean", 0.0)[0]
+    elif name == "mlp_bare":
+        def loss_fn(x: Tensor, y: Tensor) -> Tensor:
+            return lib.mlp(x, y, acts, params)[1]
+    else:  # backprop_bare
+        def loss_fn(x: Tensor, y: Tensor) -> Tensor:
+            return lib.backprop(x, y, params, acts, True)
+    return Variant(name, net, loss_fn, autocast, fills=name == "backprop_bare")
 
 
 def _ce(net: nn.Module, loss: Callable) -> Callable[[Tensor, Tensor], Tensor]:

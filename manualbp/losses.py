@@ -13,7 +13,13 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manualbp.apply import apply, forward_mode, tracing, with_jvp
-from manualbp.loss_checks import check_bce, check_cross_entropy, check_mse, explain_class_indices
+from manualbp.loss_checks import (
+    check_bce,
+    check_cross_entropy,
+    check_mse,
+    explain_class_indices,
+    plain_cross_entropy,
+)
 from manualbp.native import eager as _native
 
 
@@ -124,6 +130,7 @@ class SoftmaxCrossEntropyFunction(Function):
 
 
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as nll_loss_forward takes it
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _plain_one_hot(target, weight, ignore_index, reduction, label_smoothing, count) -> bool:
@@ -184,25 +191,32 @@ def softmax_cross_entropy(
         reduction: "mean" (over examples, weighted as torch does), "sum" or "none".
         label_smoothing: eps in [0, 1]: targets become (1 - eps) y + eps / C.
     """
-    z, target, shape = check_cross_entropy(
-        input, target, weight, ignore_index, reduction, label_smoothing
-    )
-    if z.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(z.device.type):
-        z = z.float()  # autocast runs losses in float32, as it does for F.cross_entropy
-        target = target.float() if target.is_floating_point() else target
-    if weight is not None and weight.dtype != z.dtype:  # only under autocast (checked above)
-        weight = weight.to(z.dtype)
+    given = target  # the checks below see it as given, if the kernel refuses
+    if plain_cross_entropy(input, target, weight, reduction, label_smoothing):
+        z, shape = input, None  # float32/64 (N, C), int64 (N,): nothing to flatten or cast
+    else:
+        z, target, shape = check_cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, full=True)
+        if z.dtype in _HALF and torch.is_autocast_enabled(z.device.type):
+            z = z.float()  # autocast runs losses in float32, as it does for F.cross_entropy
+            target = target.float() if target.is_floating_point() else target
+        if weight is not None and weight.dtype != z.dtype:  # only under autocast (checked)
+            weight = weight.to(z.dtype)
     lib = _native(z)  # the C++ twin, for plain eager float32/float64 calls
     args = (z, target, weight, ignore_index, reduction, float(label_smoothing))
     try:
         loss = (lib.softmax_cross_entropy(*args) if lib is not None else apply(
             SoftmaxCrossEntropyFunction, *args))[0]
-    except IndexError as error:  # the loss kernel refused a class index
+    except (IndexError, RuntimeError) as error:  # the loss kernel refused: say why below
         refused = error
     else:
-        return loss.reshape(shape) if reduction == "none" else loss
-    explain_class_indices("softmax_cross_entropy", target, z.shape[1], ignore_index)
-    raise refused
+        return loss if shape is None or reduction != "none" else loss.reshape(shape)
+    # every check, with those the usual call leaves to the kernel (the target's length)
+    check_cross_entropy(input, given, weight, ignore_index, reduction, label_smoothing,
+                        full=True)
+    if isinstance(refused, IndexError):  # a class index: say which, and why
+        explain_class_indices("softmax_cross_entropy", target, z.shape[1], ignore_index)
+    raise refused  # the input was fine: the error is about something else
 
 
 @with_jvp

@@ -231,28 +231,35 @@ class MLP(nn.Module):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """nn.Module.zero_grad, as a loop over the layers' own parameters: the generic walk over
         named_parameters() costs 18-35 us a call here, a tenth of a small training step."""
-        layers = self.layers._modules.values()
-        if not set_to_none or self._parameters or any(layer._modules for layer in layers):
-            return super().zero_grad(set_to_none)  # parametrized layers, set_to_none=False, ...
-        for layer in layers:
+        if not set_to_none or self._parameters or len(self._modules) != 1:
+            return super().zero_grad(set_to_none)  # set_to_none=False, a subclass's modules
+        for layer in self._modules["layers"]._modules.values():
+            if layer._modules:  # parametrized layers, ...: the generic walk (clears all again)
+                return super().zero_grad(set_to_none)
             for p in layer._parameters.values():
                 if p is not None:
                     p.grad = None
 
     def _flat(self) -> tuple[list[Tensor | None], tuple[str, ...]]:
-        """[W1, b1, ..., WL, bL] and the activation names, read from the layers each call."""
+        """[W1, b1, ..., WL, bL] and the activation names, read from the layers each call (so a
+        parameter replaced, frozen or cast, a hook or a parametrization added, shows at once).
+        Every read is direct: nn.Module.__getattr__ (self.layers, layer.weight) costs ~0.6 us
+        a read, ModuleList.__iter__ ~0.3 us; this walk then costs ~0.8 us for three layers."""
         params: list[Tensor | None] = []
         activations = []
-        for i, layer in enumerate(self.layers):
-            own = layer._parameters  # direct: nn.Module.__getattr__ is the slow way in
+        i = 0
+        for layer in self._modules["layers"]._modules.values():
+            own = layer._parameters
             W = own.get("weight")
             if W is None:  # a parametrization's property (computed here, once per call)
                 W = layer.weight
                 _check_layer(i, layer, W)
             elif layer._forward_pre_hooks or layer._forward_hooks:
                 _check_layer(i, layer, W)
-            params += (W, own["bias"] if "bias" in own else layer.bias)
+            params.append(W)
+            params.append(own["bias"] if "bias" in own else layer.bias)
             activations.append(layer.activation)
+            i += 1
         return params, tuple(activations)
 
     def _run(self, x: Tensor, target: Tensor | None, trace: Trace | None):
