@@ -118,6 +118,7 @@ class MLP(nn.Module):
         target = check_mlp_target(x, target, "MLP.backprop")
         params, activations = self._flat()
         check_linear_args("MLP.backprop", x, params[0], params[1])
+        _check_bias_shapes("MLP.backprop", params)
         feedback, source = self._feedback()
         dtype = autocast_dtype(x)
         pe = active()  # a per_example block: the pass hands each layer's share to its probe
@@ -322,6 +323,20 @@ def check_layers(where: str, params: list[Tensor | None]) -> None:
                     f"layers[{i}].{name} in {t.dtype}, layers[0].weight in {dtype}; cast the "
                     "network with mlp.to(dtype)"
                 )
+
+
+def _check_bias_shapes(where: str, params: list[Tensor | None]) -> None:
+    """Refuse a bias not shaped (n_out,) past layer 1 (check_linear_args holds layer 1's): F.linear
+    broadcasts one, and autograd sums its gradient back to its shape, but backprop() writes .grad
+    itself, so a (1,) bias would get an (n_out,) gradient."""
+    for i in range(1, len(params) // 2):
+        W, b = params[2 * i], params[2 * i + 1]
+        if b is not None and b.shape != W.shape[:1]:
+            raise ValueError(
+                f"{where}: expected layers[{i}].bias of shape ({W.shape[0]},), got "
+                f"{tuple(b.shape)}; give each layer a bias of its own width (loss().backward() "
+                "accepts a broadcast bias)"
+            )
 
 
 def _set_grad(p: Tensor, g: Tensor, accumulate: bool) -> None:

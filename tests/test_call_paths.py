@@ -160,6 +160,28 @@ def test_a_bias_that_would_broadcast_is_refused(bias_shape):
             call()
 
 
+@pytest.mark.parametrize("bias_shape", [(1,), ()])
+def test_a_later_layer_bias_that_would_broadcast(bias_shape):
+    """Past layer 1, MLP.backprop refuses a broadcast bias (it writes .grad itself: an (n_out,)
+    gradient would land on a (1,) parameter), while loss().backward() sums the gradient back
+    to the bias's shape, as for nn.Linear."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4, dtype=D), torch.tensor([0, 1, 2, 0, 1, 2])
+    mlp = mb.MLP([4, 5, 3], dtype=D)
+    mlp.layers[1].bias = nn.Parameter(torch.randn(bias_shape, dtype=D))
+    with pytest.raises(ValueError, match=re.escape(
+            f"MLP.backprop: expected layers[1].bias of shape (3,), got {tuple(bias_shape)}")):
+        mlp.backprop(x, y)
+    assert all(p.grad is None for p in mlp.parameters())
+    mlp.loss(x, y)[0].backward()
+    W0, b0, W1 = (t.detach() for t in (mlp.layers[0].weight, mlp.layers[0].bias,
+                                        mlp.layers[1].weight))
+    b = mlp.layers[1].bias.detach().clone().requires_grad_(True)
+    F.cross_entropy(F.linear(F.relu(F.linear(x, W0, b0)), W1) + b, y).backward()
+    assert mlp.layers[1].bias.grad.shape == b.shape
+    torch.testing.assert_close(mlp.layers[1].bias.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("x, error, match", [
     (torch.randn(3, 4, dtype=D), TypeError, r"expected input dtype to match the weight's "
                                             r"torch.float32, got torch.float64"),
