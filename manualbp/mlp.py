@@ -124,16 +124,18 @@ class MLP(nn.Module):
         pe = active()  # a per_example block: the pass hands each layer's share to its probe
         node = None if pe is None else pe.node_probes(self.layers, x, traced_ok=True)
         probes = None if node is None else node.probes
-        # the C++ step serves every rule on leaf parameters with no per-example probe; a
+        # the C++ step serves every rule and the per-example probes on leaf parameters; a
         # parametrized weight's gradient must go on through autograd (below)
         leaves = all(p is None or p.grad_fn is None for p in params)
-        lib = (_native(x) if dtype is None and probes is None and leaves
-               and _native_serves(self) else None)
+        lib = _native(x) if dtype is None and leaves and _native_serves(self) else None
         with torch.no_grad() if lib is None else _NO_CONTEXT:  # C++ turns grad mode off itself
             try:
                 if lib is not None:  # the same pass in C++; it writes .grad itself (B's too)
-                    return lib.backprop(x, target, params, activations, accumulate,
-                                        feedback or (), source == DIRECT)
+                    if probes is None:
+                        return lib.backprop(x, target, params, activations, accumulate,
+                                            feedback or (), source == DIRECT)
+                    return _native_probed(lib, x, target, params, activations, accumulate,
+                                          feedback, source, probes, pe.clip)
                 if dtype is None:
                     grads, loss = self._backprop(x, target, params, activations, params,
                                                  probes, feedback=feedback, source=source)
@@ -323,6 +325,20 @@ def check_layers(where: str, params: list[Tensor | None]) -> None:
                     f"layers[{i}].{name} in {t.dtype}, layers[0].weight in {dtype}; cast the "
                     "network with mlp.to(dtype)"
                 )
+
+
+def _native_probed(lib, x, target, params, activations, accumulate, feedback, source, probes,
+                   clip: bool) -> Tensor:
+    """MLP.backprop's C++ step inside a per_example block: the C++ pass keeps each probed
+    layer's (delta, a_prev), as layer_grads hands them to a probe in Python, and leaves a clipped
+    layer's grad_W, grad_b to the block; the shares then go to the probes."""
+    loss, shares = lib.backprop_probed(x, target, params, activations, accumulate,
+                                       feedback or (), source == DIRECT,
+                                       [p is not None for p in probes], clip)
+    for i, probe in enumerate(probes):
+        if probe is not None and shares[2 * i] is not None:  # a gradient reached the layer
+            probe(shares[2 * i], shares[2 * i + 1])
+    return loss
 
 
 def _check_bias_shapes(where: str, params: list[Tensor | None]) -> None:

@@ -118,7 +118,12 @@ Tensor delta_from(const Tensor& grad_a, const Tensor& t, const Step& step, bool 
 
 std::tuple<Tensor, Tensor, Tensor> layer_grads(const Tensor& delta, const Tensor& a_prev,
                                                const Tensor& down, bool need_a_prev, bool need_W,
-                                               bool need_b) {
+                                               bool need_b, Probe* probe) {
+  if (probe != nullptr) {  // the layer's per-example share
+    probe->delta = delta;
+    probe->a_prev = a_prev;
+    if (probe->clip) need_W = need_b = false;
+  }
   Tensor grad_a_prev, grad_W, grad_b;
   bool flat = delta.dim() == 2;
   if (need_a_prev) grad_a_prev = flat ? delta.mm(down) : delta.matmul(down);  // (*, n_in)
@@ -165,7 +170,7 @@ std::pair<std::vector<Tensor>, Tensor> backward_pass(
     Tensor grad_a, bool own, const Tensor& x, std::vector<Tensor>& outs, std::vector<Tensor>& zs,
     const std::vector<Tensor>& weights, const std::vector<Step>& steps,
     const std::vector<bool>& needs, bool scratch, const std::vector<Tensor>& feedback,
-    bool direct) {
+    bool direct, std::vector<Probe>* probes) {
   const int64_t L = static_cast<int64_t>(steps.size());
   const bool per_layer = !feedback.empty() && !direct;
   std::vector<Tensor> grads(per_layer ? 3 * L : 2 * L);  // then Kolen-Pollack's grads of B
@@ -192,7 +197,8 @@ std::pair<std::vector<Tensor>, Tensor> backward_pass(
     // dL/da[i-1] = delta W (or delta B[i] under a rule)
     auto [grad_a_prev, grad_W, grad_b] =
         layer_grads(delta, a_prev, per_layer ? feedback[i] : weights[i], need_down,
-                    needs[1 + 2 * i] || need_B, needs[2 + 2 * i]);
+                    needs[1 + 2 * i] || need_B, needs[2 + 2 * i],
+                    probes != nullptr && (*probes)[i].on ? &(*probes)[i] : nullptr);
     grad_a = std::move(grad_a_prev);
     grads[2 * i + 1] = std::move(grad_b);
     if (need_B) grads[2 * L + i] = grad_W;  // Kolen-Pollack: B gets W's update
@@ -225,7 +231,8 @@ std::pair<std::vector<Tensor>, Tensor> backprop_grads(const Tensor& x, const Ten
                                                       const std::vector<Tensor>& params,
                                                       const std::vector<Step>& steps,
                                                       const std::vector<Tensor>& feedback,
-                                                      bool direct) {
+                                                      bool direct,
+                                                      std::vector<Probe>* probes = nullptr) {
   Tensor x2 = rows(x);
   Tensor y = target.reshape(-1);
   auto [outs, zs] = forward_pass(x2, steps, params, /*inplace=*/true);
@@ -243,7 +250,8 @@ std::pair<std::vector<Tensor>, Tensor> backprop_grads(const Tensor& x, const Ten
   }
   for (size_t i = 0; i < steps.size(); ++i) weights.push_back(params[2 * i]);
   auto [grads, unused] =
-      backward_pass(delta_L, true, x2, outs, zs, weights, steps, needs, true, feedback, direct);
+      backward_pass(delta_L, true, x2, outs, zs, weights, steps, needs, true, feedback, direct,
+                    probes);
   return {std::move(grads), loss};
 }
 
@@ -257,19 +265,25 @@ void set_grad(const Tensor& p, const Tensor& g, bool accumulate) {
   }
 }
 
-}  // namespace
-
-Tensor backprop(const Tensor& x, const Tensor& target,
-                const std::vector<std::optional<Tensor>>& params,
-                const std::vector<std::string>& activations, bool accumulate,
-                const std::vector<std::optional<Tensor>>& feedback, bool direct) {
+// backprop's step; with probes, a clipped layer's parameters get no gradient here and, with
+// accumulate=false, an emptied .grad (the block puts the clipped one there).
+Tensor backprop_step(const Tensor& x, const Tensor& target,
+                     const std::vector<std::optional<Tensor>>& params,
+                     const std::vector<std::string>& activations, bool accumulate,
+                     const std::vector<std::optional<Tensor>>& feedback, bool direct,
+                     std::vector<Probe>* probes) {
   at::NoGradGuard no_grad;
   std::vector<Tensor> ps = defined_or_empty(params);
   std::vector<Tensor> fb = defined_or_empty(feedback);
-  auto [grads, loss] = backprop_grads(x, target, ps, plan(activations), fb, direct);
+  auto [grads, loss] = backprop_grads(x, target, ps, plan(activations), fb, direct, probes);
   const size_t P = ps.size();
+  const bool clipped = probes != nullptr && !probes->empty() && probes->front().clip;
   for (size_t j = 0; j < P; ++j) {
-    if (grads[j].defined()) set_grad(ps[j], grads[j], accumulate);
+    if (grads[j].defined()) {
+      set_grad(ps[j], grads[j], accumulate);
+    } else if (clipped && !accumulate && ps[j].defined() && ps[j].requires_grad()) {
+      const_cast<Tensor&>(ps[j]).mutable_grad().reset();  // replaced by the block's
+    }
   }
   for (size_t i = 0; i < grads.size() - P; ++i) {  // Kolen-Pollack's B: its own tensor
     Tensor g = grads[P + i];
@@ -277,6 +291,35 @@ Tensor backprop(const Tensor& x, const Tensor& target,
     set_grad(fb[i], g.is_same(grads[2 * i]) ? g.clone() : g, accumulate);
   }
   return loss;
+}
+
+}  // namespace
+
+Tensor backprop(const Tensor& x, const Tensor& target,
+                const std::vector<std::optional<Tensor>>& params,
+                const std::vector<std::string>& activations, bool accumulate,
+                const std::vector<std::optional<Tensor>>& feedback, bool direct) {
+  return backprop_step(x, target, params, activations, accumulate, feedback, direct, nullptr);
+}
+
+std::pair<Tensor, std::vector<Tensor>> backprop_probed(
+    const Tensor& x, const Tensor& target, const std::vector<std::optional<Tensor>>& params,
+    const std::vector<std::string>& activations, bool accumulate,
+    const std::vector<std::optional<Tensor>>& feedback, bool direct,
+    const std::vector<bool>& probed, bool clip) {
+  TORCH_CHECK_VALUE(probed.size() == activations.size(),
+                    "manualbp native: expected one probe flag per layer (", activations.size(),
+                    "), got ", probed.size());
+  std::vector<Probe> probes(probed.size());
+  for (size_t i = 0; i < probed.size(); ++i) probes[i] = Probe{probed[i], clip, {}, {}};
+  Tensor loss =
+      backprop_step(x, target, params, activations, accumulate, feedback, direct, &probes);
+  std::vector<Tensor> shares;  // delta[1], a_prev[1], delta[2], ...
+  for (auto& probe : probes) {
+    shares.push_back(std::move(probe.delta));
+    shares.push_back(std::move(probe.a_prev));
+  }
+  return {loss, std::move(shares)};
 }
 
 // The floor: no Python, no autograd, no .grad written.

@@ -44,11 +44,21 @@ Tensor g(const Step& step, const Tensor& z, bool inplace);
 // inplace: grad_a is a scratch tensor of ours, free to overwrite.
 Tensor delta_from(const Tensor& grad_a, const Tensor& t, const Step& step, bool inplace);
 
+// A layer's per-example probe (manualbp.per_example's _Call): layer_grads hands it the layer's
+// (delta, a_prev). clip: DP-SGD clipping, so grad_W and grad_b are not formed here: the block
+// forms them once every layer's norm is known.
+struct Probe {
+  bool on = false;  // this layer is probed
+  bool clip = false;
+  Tensor delta, a_prev;
+};
+
 // (grad_a_prev, grad_W, grad_b) from delta (linear.py: layer_grads), each undefined where not
-// wanted. down: the matrix the error goes down through (W for backprop).
+// wanted. down: the matrix the error goes down through (W for backprop). probe: this layer's,
+// or nullptr.
 std::tuple<Tensor, Tensor, Tensor> layer_grads(const Tensor& delta, const Tensor& a_prev,
                                                const Tensor& down, bool need_a_prev, bool need_W,
-                                               bool need_b);
+                                               bool need_b, Probe* probe = nullptr);
 
 // a[1..L] and z[1..L] (undefined where g' does not need z) from a[0] (m, n_0).
 // params: W1, b1, ..., WL, bL (an undefined b: no bias).
@@ -73,11 +83,12 @@ Tensor softmax_ce_delta(const Tensor& grad_loss, const Tensor& log_yhat, const T
 //   and grads grows by those L entries.
 //   direct=true (DFA): D[i] (n_L, n_i) for each hidden layer (undefined for the output layer);
 //   dL/da[i] = delta[L] D[i], all from delta[L] alone, and only dL/dx still uses W[1].
+// probes: per layer, a per-example probe (Probe::on) or nullptr for none.
 std::pair<std::vector<Tensor>, Tensor> backward_pass(
     Tensor grad_a, bool own, const Tensor& x, std::vector<Tensor>& outs, std::vector<Tensor>& zs,
     const std::vector<Tensor>& weights, const std::vector<Step>& steps,
     const std::vector<bool>& needs, bool scratch, const std::vector<Tensor>& feedback = {},
-    bool direct = false);
+    bool direct = false, std::vector<Probe>* probes = nullptr);
 
 // (*, n) as (m, n): every leading dim is an example.
 Tensor rows(const Tensor& t);
@@ -94,6 +105,16 @@ Tensor backprop(const Tensor& x, const Tensor& target,
                 const std::vector<std::optional<Tensor>>& params,
                 const std::vector<std::string>& activations, bool accumulate,
                 const std::vector<std::optional<Tensor>>& feedback, bool direct);
+
+// backprop inside a per-example block: probed[i] says which layers the block covers, clip
+// whether it clips (their grad_W, grad_b are then left to the block, and with accumulate=false
+// their .grad is emptied for it, as mlp.py does). Returns the loss and, per layer, delta and
+// a_prev (undefined where the layer is not probed or no gradient reached it).
+std::pair<Tensor, std::vector<Tensor>> backprop_probed(
+    const Tensor& x, const Tensor& target, const std::vector<std::optional<Tensor>>& params,
+    const std::vector<std::string>& activations, bool accumulate,
+    const std::vector<std::optional<Tensor>>& feedback, bool direct,
+    const std::vector<bool>& probed, bool clip);
 
 // Seconds per call of backprop's kernels run `reps` times back to back (the benchmark's floor).
 double floor_seconds(const Tensor& x, const Tensor& target,

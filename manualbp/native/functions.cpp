@@ -249,5 +249,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backprop", &backprop, py::arg("x"), py::arg("target"), py::arg("params"),
         py::arg("activations"), py::arg("accumulate"),
         py::arg("feedback") = std::vector<OptTensor>(), py::arg("direct") = false);
+  m.def("backprop_probed", &backprop_probed, py::arg("x"), py::arg("target"), py::arg("params"),
+        py::arg("activations"), py::arg("accumulate"), py::arg("feedback"), py::arg("direct"),
+        py::arg("probed"), py::arg("clip"));
   m.def("floor_seconds", &floor_seconds);
 }
