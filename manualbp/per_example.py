@@ -21,9 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from manualbp.apply import tracing
-from manualbp.per_example_norms import accumulate, clipped, group, part_sq, sq_norms
+from manualbp.per_example_norms import _key, accumulate, clipped, group, part_sq, sq_norms
 
 _ACTIVE: list = []  # the open per_example block, if any (one at a time)
+_norm = torch.linalg.vector_norm
 REDUCTIONS = ("mean", "sum")
 _clipped, _accumulate = clipped, accumulate  # globals here: a test swaps in a broken clip
 _COVERAGE: "weakref.WeakKeyDictionary[nn.Module, _Coverage]" = weakref.WeakKeyDictionary()
@@ -37,14 +38,17 @@ def active():
 class _Call:
     """One call of a covered layer inside the block; backward fills in its a_prev and delta."""
 
-    __slots__ = ("W", "b", "batch", "clip", "a_prev", "delta")
+    __slots__ = ("W", "b", "batch", "clip", "a_prev", "delta", "rows")
 
     def __init__(self, W, b, batch: int, clip: bool) -> None:
         self.W, self.b, self.batch, self.clip = W, b, batch, clip
-        self.a_prev = self.delta = None
+        self.a_prev = self.delta = self.rows = None
 
     def __call__(self, delta: Tensor, a_prev: Tensor | None) -> bool:
-        self.delta, self.a_prev = _detached(delta), _detached(a_prev)
+        self.delta, self.a_prev = delta, a_prev = _detached(delta), _detached(a_prev)
+        if delta.dim() == 2 and delta.shape[0] == self.batch:  # 2-D: the row norms now, while
+            self.rows = (_norm(delta, dim=1),  # delta and a_prev are fresh in cache
+                         None if self.W is None else _norm(a_prev, dim=1))
         return self.clip  # clipping: the block forms grad_W, grad_b at exit
 
 
@@ -225,14 +229,25 @@ class PerExample:
             raise ValueError(
                 f"per_example: expected every layer to see the same batch (dim 0), got sizes "
                 f"{got}; one batch per block")
-        shares = group(calls, batch)
+        self._scale = scale = float(batch) if self.reduction == "mean" else 1.0  # g_n = scale share
+        norms = None if self.grads else _stacked_norms(calls)
+        if norms is not None:  # the common case: a few kernels, no grouping
+            norms, self._sq = norms
+        shares = group(calls, batch) if norms is None or self.clip else None
+        if norms is None:
+            known = {}  # _key(t) -> ||t_n||, the row norms the probes took in backward
+            for c in calls:
+                if c.rows is not None:
+                    known[_key(c.delta)] = c.rows[0]
+                    if c.rows[1] is not None:
+                        known[_key(c.a_prev)] = c.rows[1]
+            total, self._sq = sq_norms(shares, known)
+            norms = total.sqrt_()
         for c in self._calls:  # the shares hold what is still needed; drop the rest
-            c.delta = c.a_prev = None
+            c.delta = c.a_prev = c.rows = None
         del calls
-        total, parts = sq_norms(shares)
-        self._scale = float(batch) if self.reduction == "mean" else 1.0  # g_n = scale * share
-        self._sq, self._by_param = parts, None
-        self.norms = total.sqrt_() if self._scale == 1.0 else total.sqrt_().mul_(self._scale)
+        self._by_param = None
+        self.norms = norms if scale == 1.0 else norms.mul_(scale)
         if self.grads:
             for p, kind, D, A in shares.values():
                 D3 = D.reshape(batch, -1, D.shape[-1])
@@ -249,6 +264,29 @@ class PerExample:
             self._by_param = {self._names[key]: part_sq(part).sqrt() * self._scale
                               for key, part in (self._sq or {}).items()}
         return self._by_param
+
+
+def _stacked_norms(calls):
+    """(||share_n|| (B,), parts as sq_norms gives them) when every call is 2-D with its rows
+    taken in backward, every layer has W (and all or none a bias) and no parameter is called
+    twice; else None. With S (L, 2, B) holding (||delta_n||, ||a_n||) per layer,
+    S[:, 1] *= S[:, 0] leaves what the norm over both takes: ||g_n||^2 = sum of squares."""
+    seen: set[int] = set()
+    bias = calls[0].b is not None
+    for c in calls:
+        if c.rows is None or c.W is None or (c.b is not None) != bias or id(c.W) in seen \
+                or (bias and id(c.b) in seen):
+            return None
+        seen.add(id(c.W))
+        if bias:
+            seen.add(id(c.b))
+    S = torch.stack([t for c in calls for t in c.rows]).view(len(calls), 2, -1)
+    S[:, 1].mul_(S[:, 0])  # ||delta_n a_n^T|| = ||delta_n|| ||a_n||
+    parts = {id(c.W): (S, (k, 1), None) for k, c in enumerate(calls)}
+    if bias:
+        parts.update({id(c.b): (S, (k, 0), None) for k, c in enumerate(calls)})
+        return torch.linalg.vector_norm(S, dim=(0, 1)), parts
+    return torch.linalg.vector_norm(S[:, 1], dim=0), parts
 
 
 def per_example(model: nn.Module, reduction: str = "mean", max_norm: float | None = None,

@@ -46,10 +46,12 @@ def _key(t: Tensor) -> tuple:
     return t.data_ptr(), t.dtype, t.shape, t.stride()
 
 
-def sq_norms(shares) -> tuple[Tensor, dict]:
+def sq_norms(shares, known=None) -> tuple[Tensor, dict]:
     """(B,) the total squared norm of each example's share, and per parameter what its own is
     made of, for norms_by_param: (S, i, j) for S[i] * S[j] (a 2-D W), (S, i, None) for S[i]
-    (a 2-D b), or (sq, None, None) for a (B,) squared norm."""
+    (a 2-D b), or (sq, None, None) for a (B,) squared norm.
+    known: {_key(t): ||t_n||} row norms already taken (the probes take them in backward)."""
+    known = known or {}
     rows: dict[tuple, int] = {}  # _key(t) -> index of ||t_n|| in the stack
     norms: list[Tensor] = []  # ||t_n||, t a 2-D delta or a_prev (or a bias's sum over T)
     pairs: list[tuple] = []  # (param key, i, j or None)
@@ -61,7 +63,8 @@ def sq_norms(shares) -> tuple[Tensor, dict]:
         i = rows.get(k)
         if i is None:
             i = len(norms)
-            norms.append(_norm(t, dim=1))
+            n = known.get(k) if shared else None
+            norms.append(_norm(t, dim=1) if n is None else n)
             if shared:
                 rows[k] = i
         return i
@@ -102,10 +105,13 @@ def _combine(S: Tensor, pairs) -> Tensor:
 
 
 def part_sq(part) -> Tensor:
-    """One parameter's (B,) squared norm from what sq_norms kept for it."""
+    """One parameter's (B,) squared norm from what sq_norms kept for it; (S, (k, j), None)
+    stands for the norm S[k, j] itself (per_example's stacked rows)."""
     t, i, j = part
     if i is None:
         return t
+    if isinstance(i, tuple):
+        return t[i].square()
     return t[i] if j is None else t[i] * t[j]
 
 
