@@ -105,16 +105,6 @@ def _gelu_tanh_prime(z: Tensor) -> Tensor:
     return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * du
 
 
-def _gelu_delta(grad_a: Tensor, z: Tensor, inplace: bool) -> Tensor:
-    # grad_a * (Phi(z) + z phi(z)) in one kernel instead of eight: aten's gelu_backward is that
-    # product (no autograd formula). A new buffer: nothing else may read grad_a meanwhile.
-    return torch.ops.aten.gelu_backward(grad_a, z)
-
-
-def _gelu_tanh_delta(grad_a: Tensor, z: Tensor, inplace: bool) -> Tensor:
-    return torch.ops.aten.gelu_backward(grad_a, z, approximate="tanh")  # as _gelu_delta
-
-
 def _gelu_tanh(z: Tensor) -> Tensor:
     return F.gelu(z, approximate="tanh")
 
@@ -128,8 +118,8 @@ ACTIVATIONS: dict[str, Activation] = {
     "elu": Activation(F.elu, _elu_prime, True),
     "softplus": Activation(F.softplus, _softplus_prime, False),
     "silu": Activation(F.silu, _silu_prime, False),
-    "gelu": Activation(F.gelu, _gelu_prime, False, _gelu_delta),
-    "gelu_tanh": Activation(_gelu_tanh, _gelu_tanh_prime, False, _gelu_tanh_delta),
+    "gelu": Activation(F.gelu, _gelu_prime, False),
+    "gelu_tanh": Activation(_gelu_tanh, _gelu_tanh_prime, False),
 }
 ACTIVATIONS["logistic"] = ACTIVATIONS["sigmoid"]  # the slides' name
 
