@@ -314,8 +314,9 @@ class MLPEagerFunction(Function):
 
 
 class MLPEagerProbeFunction(Function):
-    """MLPEagerFunction.apply(x, target, activations, *params, probes): the lean pass inside a
-    manualbp.per_example block, which hands each layer's (delta, a_prev) to its probe.
+    """MLPEagerProbeFunction.apply(x, target, activations, *params, probes): MLPEagerFunction's
+    lean pass inside a manualbp.per_example block, handing each layer's (delta, a_prev) to its
+    probe (MLPFunction carries them through its trace slot where this one does not serve).
 
     probes: per layer, a per_example probe or None, after everything MLPEagerFunction takes.
     """

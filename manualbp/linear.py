@@ -174,8 +174,9 @@ def layer_grads(delta: Tensor, a_prev: Tensor | None, W: Tensor | None, needs,
 
 
 class LinearActEagerFunction(Function):
-    """a = LinearActEagerFunction.apply(a_prev, W, b, activation): LinearActFunction's delta rule
-    with the least per-call work, for plain eager calls of activations whose g' reads a.
+    """a = LinearActEagerFunction.apply(a_prev, W, b, activation, B, probe): LinearActFunction's
+    delta rule with the least per-call work, for plain eager calls of activations whose g' reads
+    a (B: a rule's feedback matrix or None; probe: a manualbp.per_example probe or None).
 
     Old-style (forward(ctx, ...)), so torch.func and torch.compile take LinearActFunction. g runs
     in place on the fresh z; only a leaves, and it is saved as the output it is, so double
