@@ -270,7 +270,8 @@ def memory(fns, B, widths):
 
 def run_config(label, net, x, y, mlp_sizes, args):
     fns = variants(net, x, y, mlp_sizes)
-    names = list(fns)
+    names = [n for n in fns if n == "autograd" or not args.only
+             or any(part in n for part in args.only.split(","))]
     timing = time_interleaved({n: fns[n][0] for n in names}, rounds=args.rounds, warmup=3,
                               target_s=args.target_ms / 1000, sync=lambda: None)
     base = timing["autograd"]["median_s"]
@@ -290,7 +291,9 @@ def render(results):
     lines = [f"# Per-example norms and clipped gradients, {m['date']}", "",
              f"{m['cpu']}, torch {m['torch']}, {m['threads']} thread(s), float32, relu; "
              f"load average {m['loadavg_start']} at start, {m['loadavg_end']} at end; "
-             f"{results['rounds']} interleaved rounds, medians.", "",
+             f"{results['rounds']} interleaved rounds, medians"
+             + (f"; only the variants matching {results['only']}" if results.get("only") else "")
+             + ".", "",
              "Ratio to one autograd forward + backward of the same model and batch:", ""]
     labels = [r["label"] for r in results["configs"]]
     names = []
@@ -328,6 +331,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="3 rounds, the first MLP only")
     p.add_argument("--tiny", action="store_true",
                    help="smoke run: 2 rounds on a tiny MLP and a tiny block (tests use it)")
+    p.add_argument("--only", default="",
+                   help="time only the variants whose names hold one of these comma-separated "
+                        "parts (and autograd), e.g. per_layer,mlp,backprop for manualbp's")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.quick:
@@ -348,6 +354,7 @@ def main(argv=None):
                            "cpu": cpu, "torch": torch.__version__, "threads": args.threads,
                            "loadavg_start": os.getloadavg()[0]},
                "rounds": args.rounds, "configs": []}
+    results["only"] = args.only or None
     configs = mlps[:1] if args.quick else mlps
     for sizes, B in configs:
         torch.manual_seed(0)

@@ -174,8 +174,9 @@ def layer_grads(delta: Tensor, a_prev: Tensor | None, W: Tensor | None, needs,
 
 
 class LinearActEagerFunction(Function):
-    """a = LinearActEagerFunction.apply(a_prev, W, b, activation): LinearActFunction's delta rule
-    with the least per-call work, for plain eager calls of activations whose g' reads a.
+    """a = LinearActEagerFunction.apply(a_prev, W, b, activation, B, probe): LinearActFunction's
+    delta rule with the least per-call work, for plain eager calls of activations whose g' reads
+    a (B: a rule's feedback matrix or None; probe: a manualbp.per_example probe or None).
 
     Old-style (forward(ctx, ...)), so torch.func and torch.compile take LinearActFunction. g runs
     in place on the fresh z; only a leaves, and it is saved as the output it is, so double
@@ -183,8 +184,9 @@ class LinearActEagerFunction(Function):
     """
 
     @staticmethod
-    def forward(ctx, a_prev, W, b, activation, B=None):
+    def forward(ctx, a_prev, W, b, activation, B=None, probe=None):
         z = torch.nn.functional.linear(a_prev, W, b)  # (*, n_out)
+        ctx.probe = probe  # manualbp.per_example's, or None
         need_a_prev = ctx.needs_input_grad[0]
         need_W = ctx.needs_input_grad[1] or _needs_B(ctx.needs_input_grad)
         ctx.activation = activation
@@ -203,7 +205,8 @@ class LinearActEagerFunction(Function):
     def backward(ctx, grad_a):
         a_prev, W, B, a = ctx.saved_tensors
         delta = grad_a if a is None else delta_from(grad_a, a, ctx.activation)
-        return _with_B_grad(delta, a_prev, W, B, ctx.needs_input_grad)
+        grads = _with_B_grad(delta, a_prev, W, B, ctx.needs_input_grad, ctx.probe)
+        return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))  # the probe's
 
 
 _eager_apply = c_apply(LinearActEagerFunction)
@@ -339,14 +342,14 @@ def check_feedback(where: str, B: object, W: Tensor) -> None:
 def _apply(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str,
            B: Tensor | None = None, probe=None) -> Tensor:
     """B: a rule's feedback matrix or None; probe: a manualbp.per_example layer probe (then
-    always LinearActFunction), or None."""
+    never the C++ twin), or None."""
     lib = _native(a_prev) if probe is None else None
     if lib is not None:  # the C++ twin, for plain eager float32/float64 calls, any rule's B
         return lib.linear_act(a_prev, W, b, activation, B)
     dtype = autocast_dtype(a_prev)
     if dtype is None:
-        if probe is None and ACTIVATIONS[activation].from_output and not tracing():
-            return _eager_apply(a_prev, W, b, activation, B)
+        if ACTIVATIONS[activation].from_output and not tracing():
+            return _eager_apply(a_prev, W, b, activation, B, probe)
         out = apply(LinearActFunction, a_prev, W, b, *_extra(activation, B, probe))
     else:
         a_prev, W, b, B = cast_all(dtype, a_prev, W, b, B)  # B meets delta in that dtype

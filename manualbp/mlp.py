@@ -16,7 +16,7 @@ from manualbp.backprop import (
     softmax_ce_delta,
     softmax_ce_forward,
 )
-from manualbp.fused import MLPEagerFunction, MLPFunction, Trace
+from manualbp.fused import MLPEagerFunction, MLPEagerProbeFunction, MLPFunction, Trace
 from manualbp.linear import check_linear_args, check_real_weight
 from manualbp.loss_checks import check_mlp_target, explain_mlp_target
 from manualbp.modules import Linear
@@ -29,6 +29,7 @@ from manualbp.rules import DFA, DIRECT, PER_LAYER, attach, check_rule, feedback_
 _EAGER_DTYPES = (torch.float32, torch.float64)
 _NO_CONTEXT = contextlib.nullcontext()
 _eager_apply = c_apply(MLPEagerFunction)
+_probe_apply = c_apply(MLPEagerProbeFunction)  # inside a per_example block
 
 
 class MLP(nn.Module):
@@ -289,6 +290,10 @@ class MLP(nn.Module):
         pe = active()
         if pe is not None:  # a per_example block: its probes ride in the trace slot
             probes = pe.node_probes(self.layers, x)
+            if probes is not None and trace is None and dtype is None \
+                    and x.dtype in _EAGER_DTYPES:  # or with the lean pass (no tracing here)
+                out = _probe_apply(x, target, activations, *params, *rule_args, probes.probes)
+                return (out, None) if target is None else out
             if probes is not None:
                 probes.trace, trace = trace, probes
         if dtype is None and trace is None and x.dtype in _EAGER_DTYPES and not tracing():

@@ -15,14 +15,19 @@ would have done for that layer (it skipped it). A layer called twice adds its se
 to each example's gradient, so reused modules are exact too.
 """
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
 from manualbp.apply import tracing
+from manualbp.per_example_norms import _key, accumulate, clipped, group, part_sq, sq_norms
 
 _ACTIVE: list = []  # the open per_example block, if any (one at a time)
-_EPS = 1e-6  # DP-SGD's min(1, C / (norm + eps))
+_norm = torch.linalg.vector_norm
 REDUCTIONS = ("mean", "sum")
+_clipped, _accumulate = clipped, accumulate  # globals here: a test swaps in a broken clip
+_COVERAGE: "weakref.WeakKeyDictionary[nn.Module, _Coverage]" = weakref.WeakKeyDictionary()
 
 
 def active():
@@ -33,14 +38,17 @@ def active():
 class _Call:
     """One call of a covered layer inside the block; backward fills in its a_prev and delta."""
 
-    __slots__ = ("W", "b", "batch", "clip", "a_prev", "delta")
+    __slots__ = ("W", "b", "batch", "clip", "a_prev", "delta", "rows")
 
     def __init__(self, W, b, batch: int, clip: bool) -> None:
         self.W, self.b, self.batch, self.clip = W, b, batch, clip
-        self.a_prev = self.delta = None
+        self.a_prev = self.delta = self.rows = None
 
     def __call__(self, delta: Tensor, a_prev: Tensor | None) -> bool:
-        self.delta, self.a_prev = _detached(delta), _detached(a_prev)
+        self.delta, self.a_prev = delta, a_prev = _detached(delta), _detached(a_prev)
+        if delta.dim() == 2 and delta.shape[0] == self.batch:  # 2-D: the row norms now, while
+            self.rows = (_norm(delta, dim=1),  # delta and a_prev are fresh in cache
+                         None if self.W is None else _norm(a_prev, dim=1))
         return self.clip  # clipping: the block forms grad_W, grad_b at exit
 
 
@@ -58,12 +66,74 @@ class _NodeProbes:
         self.probes, self.trace = probes, trace
 
 
+class _Coverage:
+    """Which layers and parameters of a model a block covers, cached per model between blocks
+    (walking named_parameters() each step costs a small model's step a tenth of its time).
+
+    Valid while the model's signature is unchanged: every module, its class (convert swaps it
+    in place), every parameter and its requires_grad. It holds the parameters and classes so
+    that their ids cannot be reused by new objects while it is cached.
+    """
+
+    __slots__ = ("signature", "held", "layers", "names", "params", "uncovered")
+
+    def __init__(self, model: nn.Module, signature: list, held: list) -> None:
+        from manualbp.modules import Linear  # here: modules imports this file
+
+        self.signature, self.held = signature, held
+        covered: dict[int, nn.Parameter] = {}
+        self.layers: set[int] = set()
+        for m in model.modules():
+            if isinstance(m, Linear):
+                self.layers.add(id(m))
+                covered.update((id(p), p) for p in (m.weight, m.bias)
+                               if p is not None and p.requires_grad)
+        self.names: dict[int, str] = {}  # id(param) -> name, covered params only
+        self.uncovered: list[str] = []
+        for name, p in model.named_parameters():
+            if id(p) in covered:
+                self.names[id(p)] = name
+            elif p.requires_grad:
+                self.uncovered.append(name)
+        self.params = {i: covered[i] for i in self.names}
+
+
+def _signature(model: nn.Module) -> tuple[list, list]:
+    """(what coverage depends on, the objects whose ids it names), by a plain walk of the
+    module tree: ids of every module and its class, every parameter and its requires_grad."""
+    signature, held, stack = [], [], [model]
+    while stack:
+        m = stack.pop()
+        if m is None:  # a submodule slot registered as None
+            signature.append(None)
+            continue
+        cls = type(m)
+        signature += (id(m), id(cls))
+        held.append(cls)
+        for p in m._parameters.values():
+            if p is None:
+                signature.append(None)
+            else:
+                signature += (id(p), p.requires_grad)
+                held.append(p)
+        stack.extend(m._modules.values())
+    return signature, held
+
+
+def coverage(model: nn.Module) -> _Coverage:
+    """model's _Coverage, from the cache while its signature holds."""
+    signature, held = _signature(model)
+    cached = _COVERAGE.get(model)
+    if cached is not None and cached.signature == signature:
+        return cached
+    cached = _COVERAGE[model] = _Coverage(model, signature, held)
+    return cached
+
+
 class PerExample:
     """What `with mb.per_example(model, ...) as pe:` gives; see per_example()."""
 
     def __init__(self, model: nn.Module, reduction: str, max_norm, grads: bool) -> None:
-        from manualbp.modules import Linear  # here: modules imports this file
-
         if not isinstance(model, nn.Module):
             raise TypeError(f"per_example: expected an nn.Module, got {type(model).__name__}")
         if reduction not in REDUCTIONS:
@@ -76,28 +146,15 @@ class PerExample:
         self.model, self.reduction, self.grads = model, reduction, grads
         self.max_norm = None if max_norm is None else float(max_norm)
         self.clip = max_norm is not None
-        covered: dict[int, nn.Parameter] = {}
-        self._layers: set[int] = set()
-        for m in model.modules():
-            if isinstance(m, Linear):
-                self._layers.add(id(m))
-                covered.update((id(p), p) for p in (m.weight, m.bias)
-                               if p is not None and p.requires_grad)
-        names = {}
-        self.uncovered: list[str] = []
-        for name, p in model.named_parameters():
-            if id(p) in covered:
-                names[id(p)] = name
-            elif p.requires_grad:
-                self.uncovered.append(name)
+        cover = coverage(model)
+        self._layers, self._names, self._params = cover.layers, cover.names, cover.params
+        self.uncovered: list[str] = list(cover.uncovered)
         if self.clip and self.uncovered:
             raise ValueError(
                 f"per_example: max_norm clips only parameters of manualbp layers, and these "
                 f"trainable ones are not: {', '.join(self.uncovered)}; a clipped gradient that "
                 "leaves some unclipped is not DP: convert them, freeze them, or leave max_norm "
                 "unset to get norms alone")
-        self._names = names  # id(param) -> name, covered params only
-        self._params = {i: covered[i] for i in names}
         self._calls: list[_Call] = []
         self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self._no_sync = None
@@ -172,14 +229,25 @@ class PerExample:
             raise ValueError(
                 f"per_example: expected every layer to see the same batch (dim 0), got sizes "
                 f"{got}; one batch per block")
-        shares = _group(calls, batch)
+        self._scale = scale = float(batch) if self.reduction == "mean" else 1.0  # g_n = scale share
+        norms = None if self.grads else _stacked_norms(calls)
+        if norms is not None:  # the common case: a few kernels, no grouping
+            norms, self._sq = norms
+        shares = group(calls, batch) if norms is None or self.clip else None
+        if norms is None:
+            known = {}  # _key(t) -> ||t_n||, the row norms the probes took in backward
+            for c in calls:
+                if c.rows is not None:
+                    known[_key(c.delta)] = c.rows[0]
+                    if c.rows[1] is not None:
+                        known[_key(c.a_prev)] = c.rows[1]
+            total, self._sq = sq_norms(shares, known)
+            norms = total.sqrt_()
         for c in self._calls:  # the shares hold what is still needed; drop the rest
-            c.delta = c.a_prev = None
+            c.delta = c.a_prev = c.rows = None
         del calls
-        total, parts = _sq_norms(shares)
-        self._scale = float(batch) if self.reduction == "mean" else 1.0  # g_n = scale * share
-        self._sq, self._by_param = parts, None
-        self.norms = total.sqrt().mul_(self._scale)
+        self._by_param = None
+        self.norms = norms if scale == 1.0 else norms.mul_(scale)
         if self.grads:
             for p, kind, D, A in shares.values():
                 D3 = D.reshape(batch, -1, D.shape[-1])
@@ -193,98 +261,32 @@ class PerExample:
     def norms_by_param(self) -> dict[str, Tensor]:
         """{parameter name: (B,)} each example's gradient norm for that parameter alone."""
         if self._by_param is None:
-            self._by_param = {self._names[key]: (t.sqrt() if squared else t.abs()) * self._scale
-                              for key, (t, squared) in (self._sq or {}).items()}
+            self._by_param = {self._names[key]: part_sq(part).sqrt() * self._scale
+                              for key, part in (self._sq or {}).items()}
         return self._by_param
 
 
-def _group(calls, batch):
-    """id(param) -> (param, "W" or "b", D, A or None). A parameter with one 2-D call keeps
-    D (B, n_out) and A (B, n_in); otherwise D is (B, T, n_out) and A (B, T, n_in), every call of
-    the same parameter stacked along T (a reused layer adds rows to each example)."""
-    parts: dict[int, tuple] = {}
+def _stacked_norms(calls):
+    """(||share_n|| (B,), parts as sq_norms gives them) when every call is 2-D with its rows
+    taken in backward, every layer has W (and all or none a bias) and no parameter is called
+    twice; else None. With S (L, 2, B) holding (||delta_n||, ||a_n||) per layer,
+    S[:, 1] *= S[:, 0] leaves what the norm over both takes: ||g_n||^2 = sum of squares."""
+    seen: set[int] = set()
+    bias = calls[0].b is not None
     for c in calls:
-        if c.W is not None:
-            parts.setdefault(id(c.W), (c.W, "W", [], []))[2].append(c)
-        if c.b is not None:
-            parts.setdefault(id(c.b), (c.b, "b", [], []))[2].append(c)
-    out = {}
-    for key, (p, kind, cs, _) in parts.items():
-        if len(cs) == 1 and cs[0].delta.dim() == 2 and cs[0].delta.shape[0] == batch:
-            D, A = cs[0].delta, cs[0].a_prev
-        else:
-            D = torch.cat([c.delta.reshape(batch, -1, c.delta.shape[-1]) for c in cs], 1)
-            A = torch.cat([c.a_prev.reshape(batch, -1, c.a_prev.shape[-1]) for c in cs], 1) \
-                if kind == "W" else None
-        out[key] = (p, kind, D, A if kind == "W" else None)
-    return out
-
-
-def _sq_norms(shares) -> tuple[Tensor, dict[int, tuple]]:
-    """(B,) the total squared norm of each example's share, and per parameter how to get its
-    own: (t,) for ||t_n||^2. For a 2-D layer ||delta_n a_n^T|| = ||delta_n|| ||a_n||, so two
-    row norms serve both W and b."""
-    rows: dict[int, Tensor] = {}  # id(delta) -> ||delta_n||, shared by a layer's W and b
-    parts, total = {}, None
-    for key, (_, kind, D, A) in shares.items():
-        if D.dim() == 2:
-            d = rows.get(id(D))
-            if d is None:
-                d = rows[id(D)] = torch.linalg.vector_norm(D, dim=1)
-            t = d * torch.linalg.vector_norm(A, dim=1) if kind == "W" else d
-            total = t * t if total is None else total.addcmul_(t, t)
-            parts[key] = (t, False)
-        else:
-            sq = _sq_norm(D, A) if kind == "W" else D.sum(1).square().sum(1)
-            total = sq.clone() if total is None else total.add_(sq)
-            parts[key] = (sq, True)
-    return total, parts
-
-
-def _clipped(shares, norms: Tensor, max_norm: float, ddp: bool) -> None:
-    """Add sum_n c_n delta_n^T a_n, c_n = min(1, C / (norm_n + 1e-6)), to each p.grad: each
-    example's delta re-weighted before the one GEMM the backward skipped. Last layer first,
-    each share freed once used, so the widest gradients are formed with the least held."""
-    c = (max_norm / (norms + _EPS)).clamp_(max=1.0)
-    weighted: dict[int, tuple] = {}  # id(delta) -> (delta, c * delta), for a layer's b and W
-    for key in reversed(list(shares)):
-        p, kind, D, A = shares.pop(key)
-        _, rows = weighted.pop(id(D), (None, None))
-        if rows is None:
-            cd = c.to(D.dtype)
-            rows = (D * (cd[:, None] if D.dim() == 2 else cd[:, None, None])).reshape(
-                -1, D.shape[-1])  # (B T, n_out)
-            if kind == "b":  # its W comes next; D held so that its id stays its own
-                weighted[id(D)] = (D, rows)
-        del D
-        g = rows.t().mm(A if A.dim() == 2 else A.reshape(-1, A.shape[-1])) if kind == "W" \
-            else rows.sum(0)
-        del rows, A
-        _accumulate(p, g, ddp)
-
-
-def _sq_norm(D: Tensor, A: Tensor) -> Tensor:
-    """||D_n^T A_n||_F^2 per example, D (B, T, n_out), A (B, T, n_in), by the cheaper form."""
-    T, n_out, n_in = D.shape[1], D.shape[2], A.shape[2]
-    if T == 1:
-        return D.square().sum((1, 2)) * A.square().sum((1, 2))
-    if T * (n_in + n_out) <= n_in * n_out:  # Gram: sum_{t,s} (a_t . a_s)(delta_t . delta_s)
-        return (torch.bmm(A, A.transpose(1, 2)) * torch.bmm(D, D.transpose(1, 2))).sum((1, 2))
-    return torch.bmm(D.transpose(1, 2), A).square().sum((1, 2))
-
-
-def _accumulate(p: Tensor, g: Tensor, ddp: bool) -> None:
-    """Add the clipped gradient g to p.grad as backward would (averaged over ranks under DDP)."""
-    if ddp:
-        import torch.distributed as dist
-
-        dist.all_reduce(g)
-        g = g / dist.get_world_size()
-    g = g.to(p.dtype).contiguous()
-    if p.grad is None:
-        p.grad = g
-    else:
-        p.grad.add_(g)
+        if c.rows is None or c.W is None or (c.b is not None) != bias or id(c.W) in seen \
+                or (bias and id(c.b) in seen):
+            return None
+        seen.add(id(c.W))
+        if bias:
+            seen.add(id(c.b))
+    S = torch.stack([t for c in calls for t in c.rows]).view(len(calls), 2, -1)
+    S[:, 1].mul_(S[:, 0])  # ||delta_n a_n^T|| = ||delta_n|| ||a_n||
+    parts = {id(c.W): (S, (k, 1), None) for k, c in enumerate(calls)}
+    if bias:
+        parts.update({id(c.b): (S, (k, 0), None) for k, c in enumerate(calls)})
+        return torch.linalg.vector_norm(S, dim=(0, 1)), parts
+    return torch.linalg.vector_norm(S[:, 1], dim=0), parts
 
 
 def per_example(model: nn.Module, reduction: str = "mean", max_norm: float | None = None,

@@ -222,7 +222,7 @@ def test_reused_layer_and_grad_sample():
 
 
 def test_gram_and_outer_forms_agree():
-    from manualbp.per_example import _sq_norm
+    from manualbp.per_example_norms import _sq_norm
 
     torch.manual_seed(9)
     for T, n_in, n_out in ((4, 3, 2), (2, 30, 20)):  # outer form, then Gram form

@@ -1,0 +1,175 @@
+"""The arithmetic of manualbp.per_example: each example's squared gradient norm from the layers'
+(a_prev, delta) shares, and DP-SGD's clipped gradient from them.
+
+For a 2-D layer ||delta_n a_n^T||^2 = ||delta_n||^2 ||a_n||^2, so every 2-D layer's norms come
+from one row norm per distinct tensor (a layer's W and b share its delta; layers fed the same
+input share its rows), stacked and combined in a handful of kernels: in a small step the
+kernels' fixed cost is what counts. Inputs (B, T, n_in) take the Gram or outer form (_sq_norm).
+"""
+
+import torch
+from torch import Tensor
+
+_EPS = 1e-6  # DP-SGD's min(1, C / (norm + eps))
+_norm = torch.linalg.vector_norm
+
+
+def group(calls, batch):
+    """id(param) -> (param, "W" or "b", D, A or None). A parameter with one call keeps its
+    delta D (B, *, n_out) and a_prev A (B, *, n_in) as they came (D, A 2-D or (B, T, n));
+    a parameter called more than once has every call stacked along T (a reused layer adds rows
+    to each example)."""
+    parts: dict[int, tuple] = {}
+    for c in calls:
+        if c.W is not None:
+            parts.setdefault(id(c.W), (c.W, "W", []))[2].append(c)
+        if c.b is not None:
+            parts.setdefault(id(c.b), (c.b, "b", []))[2].append(c)
+    out = {}
+    for key, (p, kind, cs) in parts.items():
+        if len(cs) == 1:
+            D, A = cs[0].delta, cs[0].a_prev
+            if D.dim() > 3 or D.shape[0] != batch:  # (B, T1, .., n) or (B T, n): one T
+                D = D.reshape(batch, -1, D.shape[-1])
+                A = None if A is None else A.reshape(batch, -1, A.shape[-1])
+        else:
+            D = torch.cat([c.delta.reshape(batch, -1, c.delta.shape[-1]) for c in cs], 1)
+            A = torch.cat([c.a_prev.reshape(batch, -1, c.a_prev.shape[-1]) for c in cs], 1) \
+                if kind == "W" else None
+        out[key] = (p, kind, D, A if kind == "W" else None)
+    return out
+
+
+def _key(t: Tensor) -> tuple:
+    """Which values t holds: two live views with the same memory, shape and strides are equal
+    (autograd hands each layer its own Python object for a shared input)."""
+    return t.data_ptr(), t.dtype, t.shape, t.stride()
+
+
+def sq_norms(shares, known=None) -> tuple[Tensor, dict]:
+    """(B,) the total squared norm of each example's share, and per parameter what its own is
+    made of, for norms_by_param: (S, i, j) for S[i] * S[j] (a 2-D W), (S, i, None) for S[i]
+    (a 2-D b), or (sq, None, None) for a (B,) squared norm.
+    known: {_key(t): ||t_n||} row norms already taken (the probes take them in backward)."""
+    known = known or {}
+    rows: dict[tuple, int] = {}  # _key(t) -> index of ||t_n|| in the stack
+    norms: list[Tensor] = []  # ||t_n||, t a 2-D delta or a_prev (or a bias's sum over T)
+    pairs: list[tuple] = []  # (param key, i, j or None)
+    sqs: dict[int, Tensor] = {}  # param key -> (B,) squared norm of a (B, T, n) share
+    grams: dict[tuple, Tensor] = {}  # _key(A) -> A A^T, shared by layers fed the same input
+
+    def row(t: Tensor, shared: bool = True) -> int:  # shared: t is held by shares meanwhile
+        k = _key(t) if shared else None
+        i = rows.get(k)
+        if i is None:
+            i = len(norms)
+            n = known.get(k) if shared else None
+            norms.append(_norm(t, dim=1) if n is None else n)
+            if shared:
+                rows[k] = i
+        return i
+
+    for key, (_, kind, D, A) in shares.items():
+        if D.dim() == 2:
+            pairs.append((key, row(D), row(A) if kind == "W" else None))
+        elif kind == "W":
+            sqs[key] = _sq_norm(D, A, grams)
+        else:
+            pairs.append((key, row(D.sum(1), False), None))  # ||sum_t delta_t||
+    total, parts = None, {}
+    if norms:
+        S = torch.stack(norms).square_()  # (rows, B)
+        parts = {key: (S, i, j) for key, i, j in pairs}
+        total = _combine(S, pairs)
+    for key, sq in sqs.items():
+        parts[key] = (sq, None, None)
+        total = sq.clone() if total is None else total.add_(sq)
+    return total, parts
+
+
+def _combine(S: Tensor, pairs) -> Tensor:
+    """sum over pairs of S[i] * S[j] (or S[i]): in 3 kernels when, as in an MLP, layer k's W and
+    b are rows 2k (delta) and 2k + 1 (a_prev) of S."""
+    L = S.shape[0] // 2
+    if len(pairs) == 2 * L and all(
+            p[1:] == (k, k + 1) and q[1:] == (k, None)
+            for p, q, k in zip(pairs[0::2], pairs[1::2], range(0, 2 * L, 2), strict=True)):
+        return S[1::2].add(1.0).mul_(S[0::2]).sum(0)  # sum_k ||d_k||^2 (||a_k||^2 + 1)
+    if len(pairs) == L and all(p[1:] == (2 * k, 2 * k + 1) for k, p in enumerate(pairs)):
+        return S[1::2].mul(S[0::2]).sum(0)  # no biases
+    total = None
+    for _, i, j in pairs:
+        t = S[i] if j is None else S[i] * S[j]
+        total = t.clone() if total is None else total.add_(t)
+    return total
+
+
+def part_sq(part) -> Tensor:
+    """One parameter's (B,) squared norm from what sq_norms kept for it; (S, (k, j), None)
+    stands for the norm S[k, j] itself (per_example's stacked rows)."""
+    t, i, j = part
+    if i is None:
+        return t
+    if isinstance(i, tuple):
+        return t[i].square()
+    return t[i] if j is None else t[i] * t[j]
+
+
+def clipped(shares, norms: Tensor, max_norm: float, ddp: bool) -> None:
+    """Add sum_n c_n delta_n^T a_n, c_n = min(1, C / (norm_n + 1e-6)), to each p.grad: each
+    example's share re-weighted before the one GEMM the backward skipped (on the narrower of
+    delta and a_prev: the same sum). Last layer first, each share freed once used, so the
+    widest gradients are formed with the least held."""
+    c = (max_norm / (norms + _EPS)).clamp_(max=1.0)
+    weighted: dict[int, tuple] = {}  # id(delta) -> (delta, c * delta), for a (B, T, n) b and W
+    for key in reversed(list(shares)):
+        p, kind, D, A = shares.pop(key)
+        cd = c.to(D.dtype)
+        if D.dim() == 2:
+            if kind == "b":
+                g = D.t().mv(cd)  # sum_n c_n delta_n
+            elif D.shape[1] <= A.shape[1]:
+                g = (D * cd[:, None]).t().mm(A)
+            else:
+                g = D.t().mm(A * cd[:, None])
+        else:
+            _, rows = weighted.pop(id(D), (None, None))
+            if rows is None:
+                rows = (D * cd[:, None, None]).reshape(-1, D.shape[-1])  # (B T, n_out)
+                if kind == "b":  # its W comes next; D held so that its id stays its own
+                    weighted[id(D)] = (D, rows)
+            g = rows.t().mm(A.reshape(-1, A.shape[-1])) if kind == "W" else rows.sum(0)
+            del rows
+        del D, A
+        accumulate(p, g, ddp)
+
+
+def _sq_norm(D: Tensor, A: Tensor, grams: dict | None = None) -> Tensor:
+    """||D_n^T A_n||_F^2 per example, D (B, T, n_out), A (B, T, n_in), by the cheaper form.
+    grams: a cache of A A^T for the Gram form, keyed by _key(A)."""
+    T, n_out, n_in = D.shape[1], D.shape[2], A.shape[2]
+    if T == 1:
+        return D.square().sum((1, 2)) * A.square().sum((1, 2))
+    if T * (n_in + n_out) <= n_in * n_out:  # Gram: sum_{t,s} (a_t . a_s)(delta_t . delta_s)
+        k = None if grams is None else _key(A)
+        gram_a = None if k is None else grams.get(k)
+        if gram_a is None:
+            gram_a = torch.bmm(A, A.transpose(1, 2)).flatten(1)  # (B, T T)
+            if k is not None:
+                grams[k] = gram_a
+        return torch.linalg.vecdot(gram_a, torch.bmm(D, D.transpose(1, 2)).flatten(1))
+    return _norm(torch.bmm(D.transpose(1, 2), A).flatten(1), dim=1).square_()
+
+
+def accumulate(p: Tensor, g: Tensor, ddp: bool) -> None:
+    """Add the clipped gradient g to p.grad as backward would (averaged over ranks under DDP)."""
+    if ddp:
+        import torch.distributed as dist
+
+        dist.all_reduce(g)
+        g = g / dist.get_world_size()
+    g = g.to(p.dtype).contiguous()
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad.add_(g)
