@@ -109,6 +109,27 @@ def _gelu_tanh(z: Tensor) -> Tensor:
     return F.gelu(z, approximate="tanh")
 
 
+# For the activations whose g' needs z, grad_a * g'(z) in one kernel: aten's *_backward kernels
+# compute exactly that product (the formulas above, fused), written over grad_a when it is our
+# own scratch buffer. They are differentiable, so double backward stays exact (silu_backward
+# is not, so silu keeps its formula).
+def _softplus_delta(grad_a: Tensor, z: Tensor, inplace: bool) -> Tensor:
+    op = torch.ops.aten.softplus_backward
+    if inplace:
+        return op.grad_input(grad_a, z, 1.0, _SOFTPLUS_THRESHOLD, grad_input=grad_a)
+    return op(grad_a, z, 1.0, _SOFTPLUS_THRESHOLD)
+
+
+def _gelu_delta_of(approximate: str):
+    def delta(grad_a: Tensor, z: Tensor, inplace: bool) -> Tensor:
+        op = torch.ops.aten.gelu_backward
+        if inplace:
+            return op.grad_input(grad_a, z, approximate=approximate, grad_input=grad_a)
+        return op(grad_a, z, approximate=approximate)
+
+    return delta
+
+
 ACTIVATIONS: dict[str, Activation] = {
     "identity": Activation(_identity, None, True),
     "sigmoid": Activation(torch.sigmoid, _sigmoid_prime, True, _sigmoid_delta),
@@ -116,10 +137,10 @@ ACTIVATIONS: dict[str, Activation] = {
     "relu": Activation(torch.relu, _relu_prime, True, _relu_delta),
     "leaky_relu": Activation(F.leaky_relu, _leaky_relu_prime, True),
     "elu": Activation(F.elu, _elu_prime, True),
-    "softplus": Activation(F.softplus, _softplus_prime, False),
-    "silu": Activation(F.silu, _silu_prime, False),
-    "gelu": Activation(F.gelu, _gelu_prime, False),
-    "gelu_tanh": Activation(_gelu_tanh, _gelu_tanh_prime, False),
+    "softplus": Activation(F.softplus, _softplus_prime, False, _softplus_delta),
+    "silu": Activation(F.silu, _silu_prime, False),  # aten silu_backward has no derivative
+    "gelu": Activation(F.gelu, _gelu_prime, False, _gelu_delta_of("none")),
+    "gelu_tanh": Activation(_gelu_tanh, _gelu_tanh_prime, False, _gelu_delta_of("tanh")),
 }
 ACTIVATIONS["logistic"] = ACTIVATIONS["sigmoid"]  # the slides' name
 

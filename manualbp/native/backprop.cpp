@@ -12,46 +12,22 @@ namespace {
 
 constexpr int64_t kMean = 1;  // aten's reduction code for "mean"
 constexpr int64_t kIgnoreIndex = -100;
-const double kSqrt2 = std::sqrt(2.0);
-const double kInvSqrt2Pi = 1.0 / std::sqrt(2.0 * M_PI);
-const double kSqrt2OverPi = std::sqrt(2.0 / M_PI);
-constexpr double kGeluTanhC = 0.044715;
 constexpr double kSoftplusThreshold = 20.0;
 
-// g' for the activations without a one-kernel delta, as activations.py writes them: each
-// Python operator is the aten op it dispatches to (1 - s is rsub, 1 + t is add(t, 1)).
+// g' for the activations without a one-kernel delta (leaky_relu, elu, silu), as activations.py
+// writes them: each Python operator is the aten op it dispatches to (1 - s is rsub, 1 + t is
+// add(t, 1)).
 Tensor g_prime(const Step& step, const Tensor& t) {
   switch (step.act) {
+    case Act::silu: {  // sigma (1 + z (1 - sigma)); aten's silu_backward has no derivative
+      Tensor s = at::sigmoid(t);
+      return at::mul(s, at::add(at::mul(t, at::rsub(s, 1)), 1));
+    }
     case Act::leaky_relu:  // a > 0 exactly when z > 0
       return at::where(at::gt(t, 0), 1.0, at::full_like(t, 0.01));
     case Act::elu:  // z <= 0: e^z = a + 1
       return at::clamp(at::add(t, 1), std::nullopt, 1.0);
-    case Act::softplus:
-      return at::where(at::gt(t, kSoftplusThreshold), 1.0, at::sigmoid(t));
-    case Act::silu: {  // sigma (1 + z (1 - sigma))
-      Tensor s = at::sigmoid(t);
-      return at::mul(s, at::add(at::mul(t, at::rsub(s, 1)), 1));
-    }
-    case Act::gelu: {  // Phi(z) + z phi(z)
-      Tensor cdf = at::mul(at::add(at::erf(at::div(t, kSqrt2)), 1), 0.5);
-      Tensor pdf = at::mul(at::exp(at::mul(at::mul(t, -0.5), t)), kInvSqrt2Pi);
-      return at::add(cdf, at::mul(t, pdf));
-    }
-    case Act::gelu_tanh: {
-      Tensor cube = at::mul(at::mul(at::mul(t, kGeluTanhC), t), t);
-      Tensor th = at::tanh(at::mul(at::add(t, cube), kSqrt2OverPi));
-      Tensor du = at::mul(at::add(at::mul(at::mul(t, 3 * kGeluTanhC), t), 1), kSqrt2OverPi);
-      Tensor left = at::mul(at::add(th, 1), 0.5);
-      Tensor right = at::mul(at::mul(at::mul(t, 0.5), at::rsub(at::mul(th, th), 1)), du);
-      return at::add(left, right);
-    }
-    case Act::sigmoid:
-      return at::mul(t, at::rsub(t, 1));
-    case Act::tanh:
-      return at::rsub(at::mul(t, t), 1);
-    case Act::relu:
-      return at::sign(t);
-    case Act::identity:
+    default:
       break;
   }
   TORCH_CHECK(false, "manualbp native: no g' for this activation");
@@ -111,6 +87,15 @@ Tensor delta_from(const Tensor& grad_a, const Tensor& t, const Step& step, bool 
     case Act::relu:  // grad_a where a > 0, else 0
       return inplace ? at::threshold_backward_out(out, grad_a, t, 0)
                      : at::threshold_backward(grad_a, t, 0);
+    case Act::softplus:  // g' from z, one kernel each (activations.py: _softplus_delta, ...)
+      return inplace ? at::softplus_backward_out(out, grad_a, t, 1.0, kSoftplusThreshold)
+                     : at::softplus_backward(grad_a, t, 1.0, kSoftplusThreshold);
+    case Act::gelu:
+      return inplace ? at::gelu_backward_out(out, grad_a, t, "none")
+                     : at::gelu_backward(grad_a, t, "none");
+    case Act::gelu_tanh:
+      return inplace ? at::gelu_backward_out(out, grad_a, t, "tanh")
+                     : at::gelu_backward(grad_a, t, "tanh");
     default:
       return inplace ? out.mul_(g_prime(step, t)) : at::mul(grad_a, g_prime(step, t));
   }
