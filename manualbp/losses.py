@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from manualbp.apply import apply, forward_mode, tracing, with_jvp
+from manualbp.apply import apply, forward_mode, with_jvp
 from manualbp.loss_checks import (
     check_bce,
     check_cross_entropy,
@@ -87,7 +87,7 @@ class SoftmaxCrossEntropyFunction(Function):
             dz = torch.zeros_like(log_yhat)
         t, denom, valid = _target_rows(log_yhat, target, weight, ignore_index, label_smoothing,
                                        False)
-        delta = yhat_minus_y(yhat, target) if t is None else t.sum(1, keepdim=True) * yhat - t
+        delta = t.sum(1, keepdim=True) * yhat - t  # t is never None here (plain=False)
         d_rows = (delta * dz).sum(1)  # (m,)
         if d_target is not None:  # probability targets
             w = 1.0 if weight is None else weight
@@ -104,22 +104,20 @@ class SoftmaxCrossEntropyFunction(Function):
     def backward(ctx, grad, grad_log_yhat, _grad_count):
         target, weight, log_yhat, count = ctx.saved_tensors
         ignore_index, reduction, label_smoothing = ctx.options
-        yhat = torch.exp(log_yhat)
         grad_z = grad_target = None
-        if grad is not None:
-            plain = _plain_one_hot(target, weight, ignore_index, reduction, label_smoothing,
-                                   count)
+        yhat = None if count is not None and grad_log_yhat is None else torch.exp(log_yhat)
+        if grad is not None and count is not None:  # class indices, no smoothing
+            grad_z = class_index_delta(grad, log_yhat, target, weight, reduction, ignore_index,
+                                       count)
+        elif grad is not None:
             t, denom, valid = _target_rows(log_yhat, target, weight, ignore_index,
-                                           label_smoothing, plain)
+                                           label_smoothing, False)
             scale = _scale(grad, reduction, denom)
-            if t is None:  # plain one-hot
-                grad_z = yhat_minus_y(yhat, target) * scale
-            else:
-                grad_z = (t.sum(1, keepdim=True) * yhat - t) * scale
-                if valid is not None and reduction == "mean":
-                    # An ignored row contributes nothing, even when every row is ignored and the
-                    # mean's denominator is 0 (torch's gradient is then 0, not 0 * inf = NaN).
-                    grad_z = torch.where(valid[:, None], grad_z, 0.0)
+            grad_z = (t.sum(1, keepdim=True) * yhat - t) * scale
+            if valid is not None and reduction == "mean":
+                # An ignored row contributes nothing, even when every row is ignored and the
+                # mean's denominator is 0 (torch's gradient is then 0, not 0 * inf = NaN).
+                grad_z = torch.where(valid[:, None], grad_z, 0.0)
             if ctx.needs_input_grad[1]:  # probability targets: dL/dt = -(1-eps) w log yhat
                 w = 1.0 if weight is None else weight
                 grad_target = -(1 - label_smoothing) * w * log_yhat * scale
@@ -133,29 +131,22 @@ _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as nll_loss
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _plain_one_hot(target, weight, ignore_index, reduction, label_smoothing, count) -> bool:
-    """Whether every target row is a plain one-hot (class indices, no weight, no smoothing, no
-    row ignored), so that delta_L = yhat - y takes its short form. Read off the loss kernel's
-    count of kept rows, not by scanning the targets; where that would read the device (not CPU)
-    or a tracer's data, say False: the general form gives the same bits, in more kernels."""
-    if weight is not None or label_smoothing != 0 or target.is_floating_point():
-        return False
-    if target.device.type != "cpu" or tracing():
-        return False
-    if reduction == "none":  # the kernel counts nothing then
-        return not bool((target == ignore_index).any())
-    return count.item() == target.numel()
-
-
-def yhat_minus_y(yhat: Tensor, y: Tensor) -> Tensor:
-    """delta_L = yhat - y for a softmax output: yhat (m, C) minus the one-hot of y (m,)."""
-    minus_one = yhat.new_full((1, 1), -1.0).expand(yhat.shape[0], 1)
-    return yhat.scatter_add(1, y.reshape(-1, 1), minus_one)
+def class_index_delta(grad, log_yhat, target, weight, reduction: str, ignore_index: int,
+                      count) -> Tensor:
+    """delta_L = w_y (yhat - y) * grad / count for class-index targets, in the loss kernels' own
+    two steps (backprop.softmax_ce_delta's, with every option): nll_loss_backward puts
+    -w_y grad / count at each row's target (0 on an ignored row, so all rows ignored give 0),
+    then log-softmax's backward adds yhat times that row's total, w_y grad / count. count: the
+    forward kernel's total weight of the rows it kept."""
+    minus_y = torch.ops.aten.nll_loss_backward(grad, log_yhat, target, weight,
+                                               _REDUCTION_CODE[reduction], ignore_index, count)
+    return torch._log_softmax_backward_data(minus_y, log_yhat, 1, log_yhat.dtype)
 
 
 def _target_rows(log_yhat, target, weight, ignore_index, label_smoothing, plain):
     """(target rows t or None for plain one-hot, the 'mean' denominator as torch's, the rows not
-    ignored or None when none can be). plain: _plain_one_hot's answer (False is always right)."""
+    ignored or None when none can be). plain: every row is known to be a plain one-hot (class
+    indices, no weight, no smoothing, none ignored); False is always right."""
     m, C = log_yhat.shape
     if target.is_floating_point():  # class probabilities
         t = target if label_smoothing == 0 else target * (1 - label_smoothing) + label_smoothing / C

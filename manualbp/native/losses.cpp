@@ -14,6 +14,8 @@ using OptTensor = std::optional<Tensor>;
 
 namespace {
 
+OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
 int64_t reduction_code(const std::string& reduction) {  // as torch's _Reduction.get_enum
   if (reduction == "none") return 0;
   if (reduction == "mean") return 1;
@@ -44,14 +46,14 @@ struct SoftmaxCENode : torch::autograd::Function<SoftmaxCENode> {
     return {loss, log_yhat};
   }
 
-  // _plain_one_hot (losses.py): every row a plain one-hot, read off the kernel's count; false
-  // (the general form, the same bits) where that would read the device.
-  static bool plain_one_hot(const Tensor& target, const Tensor& weight, int64_t ignore_index,
-                            int64_t red, double ls, const Tensor& count) {
-    if (weight.defined() || ls != 0 || target.is_floating_point()) return false;
-    if (!target.device().is_cpu()) return false;
-    if (red == 0) return !at::eq(target, ignore_index).any().item<bool>();
-    return count.item<double>() == static_cast<double>(target.numel());
+  // class_index_delta (losses.py): delta_L = w_y (yhat - y) * grad / count for class indices,
+  // in the loss kernels' own two steps (nll_loss_backward, then log-softmax's backward).
+  static Tensor class_index_delta(const Tensor& grad, const Tensor& log_yhat, const Tensor& target,
+                                  const Tensor& weight, int64_t red, int64_t ignore_index,
+                                  const Tensor& count) {
+    Tensor minus_y = at::nll_loss_backward(grad, log_yhat, target, opt(weight), red,
+                                           ignore_index, count);
+    return at::_log_softmax_backward_data(minus_y, log_yhat, 1, log_yhat.scalar_type());
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
@@ -62,16 +64,19 @@ struct SoftmaxCENode : torch::autograd::Function<SoftmaxCENode> {
     double ls = ctx->saved_data["label_smoothing"].toDouble();
 
     const Tensor &grad = grad_out[0], &grad_log_yhat = grad_out[1];
-    Tensor yhat = at::exp(log_yhat);
+    const bool indices = count.defined();  // class indices, no smoothing
+    Tensor yhat = indices && !grad_log_yhat.defined() ? Tensor() : at::exp(log_yhat);
     Tensor grad_z, grad_target;
-    if (grad.defined()) {
+    if (grad.defined() && indices) {
+      grad_z = class_index_delta(grad, log_yhat, target, weight, red, ignore_index, count);
+    } else if (grad.defined()) {
       const int64_t m = log_yhat.size(0), C = log_yhat.size(1);
-      Tensor t, denom_t;  // the target rows (undefined: plain one-hot) and the mean's divisor
+      Tensor t, denom_t;  // the target rows and the mean's divisor (undefined: m)
       Tensor valid;       // the rows not ignored (undefined: none can be)
       if (target.is_floating_point()) {  // class probabilities
         t = ls == 0 ? target : at::add(at::mul(target, 1 - ls), ls / C);
         if (weight.defined()) t = at::mul(t, weight);
-      } else if (!plain_one_hot(target, weight, ignore_index, red, ls, count)) {
+      } else {  // class indices with label smoothing
         valid = at::ne(target, ignore_index);
         Tensor y = target.masked_fill(at::bitwise_not(valid), 0);
         Tensor w = weight.defined() ? weight : at::ones({C}, log_yhat.options());
@@ -83,16 +88,11 @@ struct SoftmaxCENode : torch::autograd::Function<SoftmaxCENode> {
       Tensor scale = red == 0 ? (grad.dim() ? grad.unsqueeze(-1) : grad)
                      : red == 1 ? (denom_t.defined() ? at::div(grad, denom_t) : at::div(grad, m))
                                 : grad;
-      if (!t.defined()) {  // plain one-hot: yhat - y
-        Tensor minus_one = at::full({1, 1}, -1.0, yhat.options()).expand({m, 1});
-        grad_z = at::mul(yhat.scatter_add(1, target.reshape({-1, 1}), minus_one), scale);
-      } else {
-        grad_z = at::mul(at::sub(at::mul(t.sum(1, true), yhat), t), scale);
-        if (valid.defined() && red == 1) {
-          // An ignored row contributes nothing, even when every row is ignored and the mean's
-          // denominator is 0 (torch's gradient is then 0, not 0 * inf = NaN).
-          grad_z = at::where(valid.unsqueeze(1), grad_z, at::zeros({}, grad_z.options()));
-        }
+      grad_z = at::mul(at::sub(at::mul(t.sum(1, true), yhat), t), scale);
+      if (valid.defined() && red == 1) {
+        // An ignored row contributes nothing, even when every row is ignored and the mean's
+        // denominator is 0 (torch's gradient is then 0, not 0 * inf = NaN).
+        grad_z = at::where(valid.unsqueeze(1), grad_z, at::zeros({}, grad_z.options()));
       }
       if (ctx->needs_input_grad(1)) {  // probability targets: dL/dt = -(1-eps) w log yhat
         Tensor wl = weight.defined() ? at::mul(at::mul(weight, -(1 - ls)), log_yhat)
