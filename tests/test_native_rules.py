@@ -10,7 +10,7 @@ backprop's) fails. tests/test_rules.py checks both backends against float64 auto
 import pytest
 import torch
 from oracle import leaves, noncontiguous_randn
-from test_native import assert_equal, node, twice
+from test_native import assert_equal, mlp_run, node, twice
 from torch import nn
 
 import manualbp as mb
@@ -51,18 +51,9 @@ def test_mlp_node_under_a_rule_is_bit_identical(rule, act, bias, lead, dtype, wi
     x, y = torch.randn(*lead, 5, dtype=dtype), torch.randint(0, 4, lead)
     g = noncontiguous_randn((*lead, 4), dtype)
 
-    def run():
-        mlp.zero_grad(set_to_none=True)
-        xs = x.detach().clone().requires_grad_()
-        if with_loss:
-            loss, logits = mlp.loss(xs, y)
-            (-1.5 * loss + (logits * g).sum()).backward()
-        else:
-            loss, logits = None, mlp(xs)
-            logits.backward(g)
-        return node(logits), logits.detach(), loss, xs.grad, grads_of(mlp)
-
-    mine, ref = twice(run)
+    mine, ref = twice(mlp_run(mlp, x, y, g, with_loss))
+    names = [name for name, _ in mlp.named_parameters()]
+    mine, ref = (r[:4] + (dict(zip(names, r[4], strict=True)),) for r in (mine, ref))
     assert "MLPNode" in mine[0] and ref[0].startswith("MLPEagerFunction")
     for what, a, b in zip(["logits", "loss", "x.grad"], mine[1:4], ref[1:4], strict=True):
         assert_equal(a if a is None else a.detach(), b if b is None else b.detach(), what)

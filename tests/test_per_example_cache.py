@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from test_per_example import TOL, data, expected, oracle, weighted
+from test_per_example import check, data, weighted
 from torch import nn
 
 import manualbp as mb
@@ -35,22 +35,9 @@ def run_and_check(model, max_norm, frozen=()):
     """One block on model (outside weighted-mean loss); norms, norms_by_param and .grad against
     vmap(grad) of the same model, with the parameters at the indices in frozen left out."""
     x, G, _ = data(())
-    g = oracle(copy.deepcopy(model), x, per_example_loss, G, frozen)
-    norms, by_index, agg = expected(g, "mean", max_norm)
     model.zero_grad(set_to_none=True)
-    with mb.per_example(model, max_norm=max_norm) as pe:
-        weighted("mean")(model(x), G).backward()
-    torch.testing.assert_close(pe.norms, norms, **TOL)
-    names = [n for n, _ in model.named_parameters()]
-    assert set(pe.norms_by_param) == {names[i] for i in by_index}
-    for i, v in by_index.items():
-        torch.testing.assert_close(pe.norms_by_param[names[i]], v, **TOL)
-    for i, p in enumerate(model.parameters()):
-        if i in agg:
-            torch.testing.assert_close(p.grad, agg[i], **TOL)
-        else:
-            assert p.grad is None
-    return pe
+    return check(model, lambda m: weighted("mean")(m(x), G).backward(), copy.deepcopy(model), x, G,
+                 per_example_loss, "mean", max_norm, frozen)
 
 
 def test_cache_is_reused_while_nothing_changes():
