@@ -341,11 +341,13 @@ def check_feedback(where: str, B: object, W: Tensor) -> None:
 
 def _apply(a_prev: Tensor, W: Tensor, b: Tensor | None, activation: str,
            B: Tensor | None = None, probe=None) -> Tensor:
-    """B: a rule's feedback matrix or None; probe: a manualbp.per_example layer probe (then
-    never the C++ twin), or None."""
-    lib = _native(a_prev) if probe is None else None
+    """B: a rule's feedback matrix or None; probe: a manualbp.per_example layer probe (the C++
+    twin fills its slot, which the block harvests), or None."""
+    lib = _native(a_prev)
     if lib is not None:  # the C++ twin, for plain eager float32/float64 calls, any rule's B
-        return lib.linear_act(a_prev, W, b, activation, B)
+        if probe is None:
+            return lib.linear_act(a_prev, W, b, activation, B)
+        return lib.linear_act(a_prev, W, b, activation, B, probe.slot(lib), probe.clip)
     dtype = autocast_dtype(a_prev)
     if dtype is None:
         if ACTIVATIONS[activation].from_output and not tracing():

@@ -292,6 +292,12 @@ class MLP(nn.Module):
             probes = pe.node_probes(self.layers, x)
             if probes is not None and trace is None and dtype is None \
                     and x.dtype in _EAGER_DTYPES:  # or with the lean pass (no tracing here)
+                lib = _native_lib() if _native_serves(self) else None
+                if lib is not None:  # the C++ node fills each covered layer's slot
+                    slots = [-1 if p is None else p.slot(lib) for p in probes.probes]
+                    out = lib.mlp(x, target, activations, params, feedback or (),
+                                  source == DIRECT, slots, pe.clip)
+                    return (out[0], None) if target is None else out
                 out = _probe_apply(x, target, activations, *params, *rule_args, probes.probes)
                 return (out, None) if target is None else out
             if probes is not None:

@@ -38,11 +38,27 @@ def active():
 class _Call:
     """One call of a covered layer inside the block; backward fills in its a_prev and delta."""
 
-    __slots__ = ("W", "b", "batch", "clip", "a_prev", "delta", "rows")
+    __slots__ = ("W", "b", "batch", "clip", "a_prev", "delta", "rows", "native")
 
     def __init__(self, W, b, batch: int, clip: bool) -> None:
         self.W, self.b, self.batch, self.clip = W, b, batch, clip
-        self.a_prev = self.delta = self.rows = None
+        self.a_prev = self.delta = self.rows = self.native = None
+
+    def slot(self, lib) -> int:
+        """This call's slot in the C++ core, for a native node's backward to fill with
+        (delta, a_prev) in place of calling the probe; opened now, taken by harvest()."""
+        self.native = lib
+        lib.open_slot(id(self))
+        return id(self)
+
+    def harvest(self) -> None:
+        """Take a native node's (delta, a_prev) from this call's slot (closing it), as though
+        layer_grads had called the probe."""
+        lib, self.native = self.native, None
+        if lib is not None:
+            delta, a_prev = lib.take_slot(id(self))
+            if delta is not None:
+                self(delta, a_prev)
 
     def __call__(self, delta: Tensor, a_prev: Tensor | None) -> bool:
         self.delta, self.a_prev = delta, a_prev = _detached(delta), _detached(a_prev)
@@ -207,6 +223,8 @@ class PerExample:
 
     def __exit__(self, kind, value, tb) -> None:
         _ACTIVE.clear()
+        for call in self._calls:  # a native node's shares (and its slot closed, whatever befell)
+            call.harvest()
         if self._no_sync is not None:
             self._no_sync.__exit__(kind, value, tb)
         if kind is None:

@@ -74,3 +74,79 @@ def test_backprop_in_a_block_never_runs_the_python_pass(monkeypatch):
     with mb.per_example(mlp, max_norm=1.0) as pe:
         mlp.backprop(x, y)
     assert pe.norms.shape == (5,) and all(p.grad is not None for p in mlp.parameters())
+
+
+def autograd_step(model, x, y, g, lead, **options):
+    """One loss.backward() in a block, fed a random signed non-contiguous upstream gradient on
+    top of the loss; (norms, by param, grads, samples) as step() gives them."""
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    with mb.per_example(model, **options) as pe:
+        out = model(x)
+        loss = mb.softmax_cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1),
+                                        reduction=options.get("reduction", "mean"))
+        (loss + (out * g).sum()).backward()
+    samples = {n: p.grad_sample for n, p in model.named_parameters() if hasattr(p, "grad_sample")}
+    for p in model.parameters():
+        p.__dict__.pop("grad_sample", None)
+    return (loss, pe.norms, pe.norms_by_param,
+            {n: p.grad for n, p in model.named_parameters()}, samples)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lead", [(), (3,)])
+@pytest.mark.parametrize("options", [
+    {}, {"max_norm": 0.05}, {"max_norm": 0.05, "reduction": "sum"}, {"grads": True},
+], ids=["norms", "clip", "clip-sum", "grads"])
+@pytest.mark.parametrize("act", ["tanh", "gelu"])  # g' from a, g' from z
+@pytest.mark.parametrize("path", ["node", "per_layer"])
+def test_autograd_paths_in_a_block_are_bit_identical(path, act, options, lead, dtype):
+    """The C++ nodes fill the block's slots with each layer's (delta, a_prev): the same norms,
+    clipped gradients and per-example gradients as the Python Functions' probes."""
+    torch.manual_seed(8)
+    if path == "node":
+        model = mb.MLP([5, 8, 6, 4], activation=act, dtype=dtype)
+        name = "MLPNode"
+    else:
+        model = torch.nn.Sequential(mb.Linear(5, 8, activation=act, dtype=dtype),
+                                    mb.Linear(8, 6, activation=act, dtype=dtype),
+                                    mb.Linear(6, 4, bias=False, dtype=dtype))
+        name = "LinearActNode"
+    list(model.parameters())[2].requires_grad_(False)  # a frozen weight beside a covered bias
+    x, y = torch.randn(6, *lead, 5, dtype=dtype), torch.randint(0, 4, (6, *lead))
+    g = torch.randn(4, 6, *lead, dtype=dtype).movedim(0, -1)  # non-contiguous, signed
+    with mb.per_example(model):
+        out = model(x)
+        assert name in out.grad_fn.name(), "the block's forward did not run the C++ node"
+        out.sum().backward()
+    mine = autograd_step(model, x, y, g, lead, **options)
+    with native.paused():
+        ref = autograd_step(model, x, y, g, lead, **options)
+    for what, a, b in zip(("loss", "norms"), mine[:2], ref[:2], strict=True):
+        assert_equal(a.detach(), b.detach(), what)
+    for what, a, b in zip(("by param", "grad", "grad_sample"), mine[2:], ref[2:], strict=True):
+        assert a.keys() == b.keys(), what
+        for key in a:
+            if a[key] is None or b[key] is None:
+                assert a[key] is b[key] is None, f"{what}: {key}"
+            else:
+                assert_equal(a[key], b[key], f"{what}: {key}")
+
+
+def test_a_native_slot_is_closed_when_the_block_ends():
+    """The slots a block opened are taken when it exits, even with no backward inside (the block
+    then raises) or an exception: a backward after the block fills none, so nothing is kept."""
+    mlp = mb.MLP([4, 6, 3], dtype=torch.float64)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    lib = native.load()
+    with pytest.raises(RuntimeError, match="ran no backward"), mb.per_example(mlp) as pe:
+        loss = mlp.loss(x, y)[0]
+        slots = [id(c) for c in pe._calls]
+    with pytest.raises(KeyError), mb.per_example(mlp) as pe:
+        out = mlp(x)
+        slots += [id(c) for c in pe._calls]
+        raise KeyError("the user's code fails inside the block")
+    assert len(slots) == 4
+    loss.backward()
+    out.sum().backward()  # both after their blocks
+    assert all(lib.take_slot(slot) == [None, None] for slot in slots)

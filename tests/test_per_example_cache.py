@@ -15,6 +15,7 @@ from test_per_example import check, data, weighted
 from torch import nn
 
 import manualbp as mb
+from manualbp import native
 
 pe_module = sys.modules["manualbp.per_example"]  # mb.per_example is the function
 
@@ -93,23 +94,34 @@ def test_a_class_swapped_in_place_by_convert():
                                                   ("relu", "LinearActEagerFunction"),
                                                   ("gelu", "LinearActFunction")])
 def test_layers_inside_a_block_take_the_lean_function_where_it_serves(activation, function):
-    # g' read off a: the old-style eager twin carries the probe; g' of z: the general Function
+    # the C++ node when built; in Python, g' read off a: the old-style eager twin carries the
+    # probe; g' of z: the general Function
     model = stack(activation=activation)
     x, G, _ = data(())
-    with mb.per_example(model):
+    with native.paused(), mb.per_example(model):
         out = model[0](x)
         assert type(out.grad_fn).__name__.startswith(function)
         weighted("mean")(model[2](model[1](out)), G).backward()
+    if native.load() is not None:
+        with mb.per_example(model):
+            out = model[0](x)
+            assert "LinearActNode" in out.grad_fn.name()
+            weighted("mean")(model[2](model[1](out)), G).backward()
     run_and_check(model, 0.3)
 
 
 def test_mlp_node_inside_a_block_takes_the_lean_function():
     model = mb.MLP([5, 7, 6, 4], activation="tanh", dtype=torch.float64)
     x, G, _ = data(())
-    with mb.per_example(model):
+    with native.paused(), mb.per_example(model):
         out = model(x)
         assert type(out.grad_fn).__name__.startswith("MLPEagerProbeFunction")
         weighted("mean")(out, G).backward()
+    if native.load() is not None:
+        with mb.per_example(model):
+            out = model(x)
+            assert "MLPNode" in out.grad_fn.name()
+            weighted("mean")(out, G).backward()
     with mb.per_example(model, reduction="sum") as pe:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)

@@ -4,6 +4,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <mutex>
+#include <unordered_map>
+
 #include "backprop.h"
 
 namespace manualbp {
@@ -45,6 +48,39 @@ std::vector<Step> steps_of(const c10::IValue& codes) {
 
 }  // namespace
 
+// The per-example shares the autograd nodes hand back to manualbp.per_example: the block opens
+// a slot for each covered layer call it sends to a node, the node's backward fills it with that
+// layer's (delta, a_prev) (linear.py: a probe's call from layer_grads), and the block takes it
+// when it finishes. A node whose slot is closed (its block is over) fills nothing.
+namespace {
+std::mutex slots_mutex;
+std::unordered_map<int64_t, std::vector<Tensor>> slots;
+
+void fill(int64_t slot, const Probe& probe) {
+  if (slot < 0 || !probe.delta.defined()) return;  // not covered, or no gradient reached it
+  std::lock_guard<std::mutex> lock(slots_mutex);
+  auto it = slots.find(slot);
+  if (it != slots.end()) it->second = {probe.delta, probe.a_prev};
+}
+}  // namespace
+
+void open_slot(int64_t slot) {
+  std::lock_guard<std::mutex> lock(slots_mutex);
+  slots[slot] = {};
+}
+
+// (delta, a_prev), both undefined when no backward reached the layer; the slot is closed.
+std::vector<Tensor> take_slot(int64_t slot) {
+  std::lock_guard<std::mutex> lock(slots_mutex);
+  auto it = slots.find(slot);
+  std::vector<Tensor> shares = {Tensor(), Tensor()};
+  if (it != slots.end()) {
+    if (!it->second.empty()) shares = std::move(it->second);
+    slots.erase(it);
+  }
+  return shares;
+}
+
 // logits[, loss] for x (*, n_0): MLPEagerFunction's forward and backward.
 // has_feedback, direct, feedback: a learning rule's matrices (rules.split's), the defined ones
 // (DFA's output layer has none) and which layers hold one; all empty for backprop.
@@ -53,7 +89,8 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
                                const std::vector<std::string>& activations,
                                const c10::List<bool>& has_bias, at::TensorList defined,
                                const c10::List<bool>& has_feedback, bool direct,
-                               at::TensorList feedback) {
+                               at::TensorList feedback, const std::vector<int64_t>& probe_slots,
+                               bool clip) {
     std::vector<Step> steps = plan(activations);
     std::vector<Tensor> params = with_gaps(defined, has_bias);
     auto [outs, zs] = forward_pass(rows(x), steps, params, /*inplace=*/true);
@@ -68,6 +105,10 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     ctx->saved_data["bias"] = has_bias;
     ctx->saved_data["feedback"] = has_feedback;
     ctx->saved_data["direct"] = direct;
+    if (!probe_slots.empty()) {  // a per_example block covers some layers
+      ctx->saved_data["slots"] = probe_slots;
+      ctx->saved_data["clip"] = clip;
+    }
     ctx->set_materialize_grads(false);
     if (steps.back().identity || steps.back().keeps_z) outs.back() = Tensor();
     variable_list saved = {x, Tensor(), Tensor(), Tensor()};
@@ -120,8 +161,9 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
       grad_a = grad_a.defined() ? grad_a + delta_L : delta_L;
       own = scratch;
     }
-    // x, target, activations, has_bias, the given parameters, has_feedback, direct, feedback
-    variable_list result(4 + P + 2 + F);
+    // x, target, activations, has_bias, the given parameters, has_feedback, direct, feedback,
+    // probe_slots, clip
+    variable_list result(4 + P + 2 + F + 2);
     if (!grad_a.defined()) return result;
     // edges: x, then the target when there is one (an integer tensor), then each parameter,
     // then each feedback matrix
@@ -139,8 +181,17 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     }
     for (size_t i = 0; i < L; ++i) weights.push_back(params[2 * i]);
     if (F == 0) feedback.clear();  // backprop
+    std::vector<int64_t> probe_slots;  // per layer, its per-example slot or -1
+    std::vector<Probe> probes;
+    if (ctx->saved_data.count("slots")) {
+      probe_slots = ctx->saved_data["slots"].toIntVector();
+      const bool clip = ctx->saved_data["clip"].toBool();
+      for (int64_t slot : probe_slots) probes.push_back(Probe{slot >= 0, clip, {}, {}});
+    }
     auto [grads, grad_x] = backward_pass(grad_a, own, x2, outs, zs, weights, steps, needs,
-                                         scratch, feedback, direct);
+                                         scratch, feedback, direct,
+                                         probes.empty() ? nullptr : &probes);
+    for (size_t i = 0; i < probes.size(); ++i) fill(probe_slots[i], probes[i]);
     if (grad_x.defined() && needs[0]) result[0] = grad_x.reshape(x.sizes());
     k = 4;
     for (size_t j = 0; j < 2 * L; ++j) {
@@ -165,10 +216,14 @@ struct LinearActNode : torch::autograd::Function<LinearActNode> {
   // no edges to ask).
   static Tensor forward(AutogradContext* ctx, const Tensor& a_prev, const Tensor& W,
                         const OptTensor& b, const OptTensor& B, const std::string& activation,
-                        bool need_a_prev, bool need_W) {
+                        bool need_a_prev, bool need_W, int64_t slot, bool clip) {
     Step step = step_of(activation);
     Tensor z = at::linear(a_prev, W, b);  // (*, n_out)
     ctx->saved_data["act"] = static_cast<int64_t>(step.act);
+    if (slot >= 0) {  // a per_example block covers this call
+      ctx->saved_data["slot"] = slot;
+      ctx->saved_data["clip"] = clip;
+    }
     ctx->saved_data["bias"] = b.has_value();
     ctx->saved_data["B"] = B.has_value();
     Tensor down = B.has_value() ? *B : W;  // what grad_a_prev is formed with
@@ -191,7 +246,7 @@ struct LinearActNode : torch::autograd::Function<LinearActNode> {
     const Tensor &a_prev = saved[0], &W = saved[1];
     Tensor t = saved[3];
     const Tensor& grad_a = grad_out[0];
-    variable_list result(8);  // a_prev, W, b, B, activation, need_a_prev, need_W
+    variable_list result(9);  // a_prev, W, b, B, activation, need_a_prev, need_W, slot, clip
     if (!grad_a.defined()) return result;
     if (step.keeps_z && at::GradMode::is_enabled()) t = at::linear(a_prev, W, opt(saved[2]));
     Tensor delta = step.identity ? grad_a : delta_from(grad_a, t, step, false);
@@ -199,9 +254,12 @@ struct LinearActNode : torch::autograd::Function<LinearActNode> {
     bool need_W = ctx->needs_input_grad(1);
     bool need_B = has_B && ctx->needs_input_grad(has_bias ? 3 : 2);
     const Tensor& down = step.keeps_z && has_B ? saved[4] : W;  // saved as `down` otherwise
+    const int64_t slot = ctx->saved_data.count("slot") ? ctx->saved_data["slot"].toInt() : -1;
+    Probe probe{slot >= 0, slot >= 0 && ctx->saved_data["clip"].toBool(), {}, {}};
     auto [grad_a_prev, grad_W, grad_b] =
         layer_grads(delta, a_prev, down, ctx->needs_input_grad(0), need_W || need_B,
-                    has_bias && ctx->needs_input_grad(2));
+                    has_bias && ctx->needs_input_grad(2), probe.on ? &probe : nullptr);
+    fill(slot, probe);
     result[0] = grad_a_prev;
     result[1] = need_W ? grad_W : Tensor();
     result[2] = grad_b;
@@ -217,7 +275,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mlp", [](const Tensor& x, const OptTensor& target,
                   const std::vector<std::string>& activations,
                   const std::vector<OptTensor>& params, const std::vector<OptTensor>& feedback,
-                  bool direct) {
+                  bool direct, const std::vector<int64_t>& probe_slots, bool clip) {
     c10::List<bool> has_bias, has_feedback;
     std::vector<Tensor> defined, fb;
     for (size_t j = 0; j < params.size(); ++j) {
@@ -233,18 +291,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                       activations.size(), "), got ", feedback.size());
     TORCH_CHECK_VALUE(direct || fb.size() == feedback.size(),
                       "manualbp native: a per-layer rule needs a feedback matrix for every layer");
+    TORCH_CHECK_VALUE(probe_slots.empty() || probe_slots.size() == activations.size(),
+                      "manualbp native: expected one probe slot per layer (",
+                      activations.size(), "), got ", probe_slots.size());
     return MLPNode::apply(x, target, activations, has_bias, at::TensorList(defined),
-                          has_feedback, direct, at::TensorList(fb));
+                          has_feedback, direct, at::TensorList(fb), probe_slots, clip);
   }, py::arg("x"), py::arg("target"), py::arg("activations"), py::arg("params"),
-        py::arg("feedback") = std::vector<OptTensor>(), py::arg("direct") = false);
+        py::arg("feedback") = std::vector<OptTensor>(), py::arg("direct") = false,
+        py::arg("probe_slots") = std::vector<int64_t>(), py::arg("clip") = false);
   m.def("linear_act", [](const Tensor& a_prev, const Tensor& W, const OptTensor& b,
-                         const std::string& activation, const OptTensor& B) {
+                         const std::string& activation, const OptTensor& B, int64_t slot,
+                         bool clip) {
     bool grad = at::GradMode::is_enabled();
     bool need_W = W.requires_grad() || (B.has_value() && B->requires_grad());
     return LinearActNode::apply(a_prev, W, b, B, activation, grad && a_prev.requires_grad(),
-                                grad && need_W);
+                                grad && need_W, slot, clip);
   }, py::arg("a_prev"), py::arg("W"), py::arg("b"), py::arg("activation"),
-        py::arg("B") = py::none());
+        py::arg("B") = py::none(), py::arg("slot") = -1, py::arg("clip") = false);
+  m.def("open_slot", &open_slot);
+  m.def("take_slot", &take_slot);
   bind_losses(m);
   m.def("backprop", &backprop, py::arg("x"), py::arg("target"), py::arg("params"),
         py::arg("activations"), py::arg("accumulate"),
