@@ -307,26 +307,6 @@ class MLPEagerFunction(Function):
             return (None,) * len(needs)
         grads, grad_x = backward_pass(grad_a, own, x2, outs, zs, params[0::2], steps,
                                       (needs[0], *needs[3:]), scratch, feedback=feedback,
-                                      direct=ctx.source == rules.DIRECT,
-                                      probes=getattr(ctx, "probes", None))
+                                      direct=ctx.source == rules.DIRECT)
         grad_x = grad_x.reshape(x.shape) if grad_x is not None and needs[0] else None
         return (grad_x, None, None, *grads, *_rule_tail(ctx.source, L))
-
-
-class MLPEagerProbeFunction(Function):
-    """MLPEagerProbeFunction.apply(x, target, activations, *params, probes): MLPEagerFunction's
-    lean pass inside a manualbp.per_example block, handing each layer's (delta, a_prev) to its
-    probe (MLPFunction carries them through its trace slot where this one does not serve).
-
-    probes: per layer, a per_example probe or None, after everything MLPEagerFunction takes.
-    """
-
-    @staticmethod
-    def forward(ctx, x, target, activations, *params):
-        ctx.probes = params[-1]
-        return MLPEagerFunction.forward(ctx, x, target, activations, *params[:-1])
-
-    @staticmethod
-    def backward(ctx, *grad_out):
-        grads = MLPEagerFunction.backward(ctx, *grad_out)
-        return grads if len(grads) == len(ctx.needs_input_grad) else (*grads, None)  # probes'

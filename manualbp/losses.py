@@ -85,9 +85,8 @@ class SoftmaxCrossEntropyFunction(Function):
         yhat = torch.exp(log_yhat)
         if dz is None:
             dz = torch.zeros_like(log_yhat)
-        t, denom, valid = _target_rows(log_yhat, target, weight, ignore_index, label_smoothing,
-                                       False)
-        delta = t.sum(1, keepdim=True) * yhat - t  # t is never None here (plain=False)
+        t, denom, valid = _target_rows(log_yhat, target, weight, ignore_index, label_smoothing)
+        delta = t.sum(1, keepdim=True) * yhat - t
         d_rows = (delta * dz).sum(1)  # (m,)
         if d_target is not None:  # probability targets
             w = 1.0 if weight is None else weight
@@ -110,8 +109,7 @@ class SoftmaxCrossEntropyFunction(Function):
             grad_z = class_index_delta(grad, log_yhat, target, weight, reduction, ignore_index,
                                        count)
         elif grad is not None:
-            t, denom, valid = _target_rows(log_yhat, target, weight, ignore_index,
-                                           label_smoothing, False)
+            t, denom, valid = _target_rows(log_yhat, target, weight, ignore_index, label_smoothing)
             scale = _scale(grad, reduction, denom)
             grad_z = (t.sum(1, keepdim=True) * yhat - t) * scale
             if valid is not None and reduction == "mean":
@@ -143,16 +141,13 @@ def class_index_delta(grad, log_yhat, target, weight, reduction: str, ignore_ind
     return torch._log_softmax_backward_data(minus_y, log_yhat, 1, log_yhat.dtype)
 
 
-def _target_rows(log_yhat, target, weight, ignore_index, label_smoothing, plain):
-    """(target rows t or None for plain one-hot, the 'mean' denominator as torch's, the rows not
-    ignored or None when none can be). plain: every row is known to be a plain one-hot (class
-    indices, no weight, no smoothing, none ignored); False is always right."""
+def _target_rows(log_yhat, target, weight, ignore_index, label_smoothing):
+    """(target rows t, the 'mean' denominator as torch's, the rows not ignored or None when
+    none can be)."""
     m, C = log_yhat.shape
     if target.is_floating_point():  # class probabilities
         t = target if label_smoothing == 0 else target * (1 - label_smoothing) + label_smoothing / C
         return (t if weight is None else t * weight), m, None
-    if plain:
-        return None, m, None
     valid = target != ignore_index
     y = target.masked_fill(~valid, 0)
     w = torch.ones(C, dtype=log_yhat.dtype, device=log_yhat.device) if weight is None else weight

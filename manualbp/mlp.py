@@ -15,7 +15,7 @@ from manualbp.backprop import (
     softmax_ce_delta,
     softmax_ce_forward,
 )
-from manualbp.fused import MLPEagerFunction, MLPEagerProbeFunction, MLPFunction, Trace
+from manualbp.fused import MLPEagerFunction, MLPFunction, Trace
 from manualbp.linear import check_linear_args
 from manualbp.loss_checks import check_mlp_target, explain_mlp_target
 from manualbp.mlp_checks import check_bias_shapes, check_layer, check_layers, check_sizes
@@ -29,7 +29,6 @@ from manualbp.rules import DFA, DIRECT, PER_LAYER, attach, check_rule, feedback_
 _EAGER_DTYPES = (torch.float32, torch.float64)
 _NO_CONTEXT = contextlib.nullcontext()
 _eager_apply = c_apply(MLPEagerFunction)
-_probe_apply = c_apply(MLPEagerProbeFunction)  # inside a per_example block
 
 
 class MLP(nn.Module):
@@ -290,22 +289,20 @@ class MLP(nn.Module):
         pe = active()
         if pe is not None:  # a per_example block: its probes ride in the trace slot
             probes = pe.node_probes(self.layers, x)
-            if probes is not None and trace is None and dtype is None \
-                    and x.dtype in _EAGER_DTYPES:  # or with the lean pass (no tracing here)
-                lib = _native_lib() if _native_serves(self) else None
-                if lib is not None:  # the C++ node fills each covered layer's slot
-                    slots = [-1 if p is None else p.slot(lib) for p in probes.probes]
-                    out = lib.mlp(x, target, activations, params, feedback or (),
-                                  source == DIRECT, slots, pe.clip)
-                    return (out[0], None) if target is None else out
-                out = _probe_apply(x, target, activations, *params, *rule_args, probes.probes)
-                return (out, None) if target is None else out
+            lib = (_native_lib() if probes is not None and trace is None and dtype is None
+                   and x.dtype in _EAGER_DTYPES and _native_serves(self) else None)
+            if lib is not None:  # the C++ node fills each covered layer's slot (no tracing here)
+                slots = [-1 if p is None else p.slot(lib) for p in probes.probes]
+                out = lib.mlp(x, target, activations, params, feedback or (), source == DIRECT,
+                              slots, pe.clip)
+                return (out[0], None) if target is None else out
             if probes is not None:
                 probes.trace, trace = trace, probes
         if dtype is None and trace is None and x.dtype in _EAGER_DTYPES and not tracing():
             lib = _native_lib() if _native_serves(self) else None
             if lib is not None:  # the C++ twin when built, the rule's matrices handed to it
-                out = lib.mlp(x, target, activations, params, feedback or (), source == DIRECT)
+                out = (lib.mlp(x, target, activations, params) if source is None else
+                       lib.mlp(x, target, activations, params, feedback, source == DIRECT))
                 return (out[0], None) if target is None else out
             out = _eager_apply(x, target, activations, *params, *rule_args)
             return (out, None) if target is None else out
