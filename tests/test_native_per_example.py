@@ -21,17 +21,37 @@ def built():
         pytest.skip("the C++ core is not available here (no toolchain, or MANUALBP_NATIVE=0)")
 
 
-def step(mlp, x, y, accumulate, **options):
-    """One backprop() in a block on top of a prior .grad; (norms, by param, grads, samples)."""
-    for p in mlp.parameters():
+def in_block(model, run, **options):
+    """run() in a block on top of a prior .grad; (loss, norms, by param, grads, samples)."""
+    for p in model.parameters():
         p.grad = torch.full_like(p, 0.25)
-    with mb.per_example(mlp, **options) as pe:
-        loss = mlp.backprop(x, y, accumulate=accumulate)
-    samples = {n: p.grad_sample for n, p in mlp.named_parameters() if hasattr(p, "grad_sample")}
-    for p in mlp.parameters():
+    with mb.per_example(model, **options) as pe:
+        loss = run()
+    samples = {n: p.grad_sample for n, p in model.named_parameters() if hasattr(p, "grad_sample")}
+    for p in model.parameters():
         p.__dict__.pop("grad_sample", None)
     return (loss, pe.norms, pe.norms_by_param,
-            {n: p.grad for n, p in mlp.named_parameters()}, samples)
+            {n: p.grad for n, p in model.named_parameters()}, samples)
+
+
+def assert_same(mine, ref):
+    """in_block's results, native against Python, bit for bit (None where either is None)."""
+    for what, a, b in zip(("loss", "norms"), mine[:2], ref[:2], strict=True):
+        assert_equal(a.detach(), b.detach(), what)
+    for what, a, b in zip(("by param", "grad", "grad_sample"), mine[2:], ref[2:], strict=True):
+        assert a.keys() == b.keys(), what
+        for key in a:
+            if a[key] is None or b[key] is None:
+                assert a[key] is b[key] is None, f"{what}: {key}"
+            else:
+                assert_equal(a[key], b[key], f"{what}: {key}")
+
+
+def both(model, run, **options):
+    """in_block natively, then with the C++ core paused (the Python reference)."""
+    mine = in_block(model, run, **options)
+    with native.paused():
+        return mine, in_block(model, run, **options)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -48,18 +68,7 @@ def test_backprop_in_a_block_is_bit_identical(rule, options, accumulate, bias, l
     mlp = mb.MLP([5, 8, 6, 4], activation="tanh", bias=bias, dtype=dtype, rule=rule)
     mlp.layers[1].weight.requires_grad_(False)  # a frozen weight beside a covered bias
     x, y = torch.randn(6, *lead, 5, dtype=dtype), torch.randint(0, 4, (6, *lead))
-    mine = step(mlp, x, y, accumulate, **options)
-    with native.paused():
-        ref = step(mlp, x, y, accumulate, **options)
-    for what, a, b in zip(("loss", "norms"), mine[:2], ref[:2], strict=True):
-        assert_equal(a, b, what)
-    for what, a, b in zip(("by param", "grad", "grad_sample"), mine[2:], ref[2:], strict=True):
-        assert a.keys() == b.keys(), what
-        for name in a:
-            if a[name] is None or b[name] is None:
-                assert a[name] is b[name] is None, f"{what}: {name}"
-            else:
-                assert_equal(a[name], b[name], f"{what}: {name}")
+    assert_same(*both(mlp, lambda: mlp.backprop(x, y, accumulate=accumulate), **options))
 
 
 def test_backprop_in_a_block_never_runs_the_python_pass(monkeypatch):
@@ -74,23 +83,6 @@ def test_backprop_in_a_block_never_runs_the_python_pass(monkeypatch):
     with mb.per_example(mlp, max_norm=1.0) as pe:
         mlp.backprop(x, y)
     assert pe.norms.shape == (5,) and all(p.grad is not None for p in mlp.parameters())
-
-
-def autograd_step(model, x, y, g, lead, **options):
-    """One loss.backward() in a block, fed a random signed non-contiguous upstream gradient on
-    top of the loss; (norms, by param, grads, samples) as step() gives them."""
-    for p in model.parameters():
-        p.grad = torch.full_like(p, 0.25)
-    with mb.per_example(model, **options) as pe:
-        out = model(x)
-        loss = mb.softmax_cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1),
-                                        reduction=options.get("reduction", "mean"))
-        (loss + (out * g).sum()).backward()
-    samples = {n: p.grad_sample for n, p in model.named_parameters() if hasattr(p, "grad_sample")}
-    for p in model.parameters():
-        p.__dict__.pop("grad_sample", None)
-    return (loss, pe.norms, pe.norms_by_param,
-            {n: p.grad for n, p in model.named_parameters()}, samples)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -119,18 +111,15 @@ def test_autograd_paths_in_a_block_are_bit_identical(path, act, options, lead, d
         out = model(x)
         assert name in out.grad_fn.name(), "the block's forward did not run the C++ node"
         out.sum().backward()
-    mine = autograd_step(model, x, y, g, lead, **options)
-    with native.paused():
-        ref = autograd_step(model, x, y, g, lead, **options)
-    for what, a, b in zip(("loss", "norms"), mine[:2], ref[:2], strict=True):
-        assert_equal(a.detach(), b.detach(), what)
-    for what, a, b in zip(("by param", "grad", "grad_sample"), mine[2:], ref[2:], strict=True):
-        assert a.keys() == b.keys(), what
-        for key in a:
-            if a[key] is None or b[key] is None:
-                assert a[key] is b[key] is None, f"{what}: {key}"
-            else:
-                assert_equal(a[key], b[key], f"{what}: {key}")
+
+    def run():  # the loss and a random signed non-contiguous upstream gradient on the output
+        out = model(x)
+        loss = mb.softmax_cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1),
+                                        reduction=options.get("reduction", "mean"))
+        (loss + (out * g).sum()).backward()
+        return loss
+
+    assert_same(*both(model, run, **options))
 
 
 def test_a_native_slot_is_closed_when_the_block_ends():
