@@ -260,7 +260,12 @@ Tensor backprop_step(const Tensor& x, const Tensor& target,
   at::NoGradGuard no_grad;
   std::vector<Tensor> ps = defined_or_empty(params);
   std::vector<Tensor> fb = defined_or_empty(feedback);
-  auto [grads, loss] = backprop_grads(x, target, ps, plan(activations), fb, direct, probes);
+  std::vector<Tensor> grads;
+  Tensor loss;
+  {
+    BelowAutograd below;
+    std::tie(grads, loss) = backprop_grads(x, target, ps, plan(activations), fb, direct, probes);
+  }
   const size_t P = ps.size();
   const bool clipped = probes != nullptr && !probes->empty() && probes->front().clip;
   for (size_t j = 0; j < P; ++j) {
@@ -312,6 +317,7 @@ double floor_seconds(const Tensor& x, const Tensor& target,
                      const std::vector<std::optional<Tensor>>& params,
                      const std::vector<std::string>& activations, int64_t reps) {
   at::NoGradGuard no_grad;
+  BelowAutograd below;
   std::vector<Tensor> ps = defined_or_empty(params);
   std::vector<Step> steps = plan(activations);
   auto t0 = std::chrono::steady_clock::now();

@@ -91,6 +91,7 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
                                const c10::List<bool>& has_feedback, bool direct,
                                at::TensorList feedback, const std::vector<int64_t>& probe_slots,
                                bool clip) {
+    BelowAutograd below;  // apply runs forward in no-grad mode
     std::vector<Step> steps = plan(activations);
     std::vector<Tensor> params = with_gaps(defined, has_bias);
     auto [outs, zs] = forward_pass(rows(x), steps, params, /*inplace=*/true);
@@ -149,6 +150,8 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     for (bool has : has_feedback) feedback.push_back(has ? saved[k++] : Tensor());
     Tensor x2 = rows(x);
     bool scratch = !at::GradMode::is_enabled();
+    std::optional<BelowAutograd> below;
+    if (scratch) below.emplace();  // no create_graph: no graph to record
     if (!scratch) {  // create_graph: rebuild a[i], z[i] as functions of x and the weights
       std::tie(outs, zs) = forward_pass(x2, steps, params, false);
       if (log_yhat.defined()) log_yhat = at::log_softmax(outs.back(), 1);
@@ -217,6 +220,7 @@ struct LinearActNode : torch::autograd::Function<LinearActNode> {
   static Tensor forward(AutogradContext* ctx, const Tensor& a_prev, const Tensor& W,
                         const OptTensor& b, const OptTensor& B, const std::string& activation,
                         bool need_a_prev, bool need_W, int64_t slot, bool clip) {
+    BelowAutograd below;  // apply runs forward in no-grad mode
     Step step = step_of(activation);
     Tensor z = at::linear(a_prev, W, b);  // (*, n_out)
     ctx->saved_data["act"] = static_cast<int64_t>(step.act);
@@ -248,7 +252,9 @@ struct LinearActNode : torch::autograd::Function<LinearActNode> {
     const Tensor& grad_a = grad_out[0];
     variable_list result(9);  // a_prev, W, b, B, activation, need_a_prev, need_W, slot, clip
     if (!grad_a.defined()) return result;
-    if (step.keeps_z && at::GradMode::is_enabled()) t = at::linear(a_prev, W, opt(saved[2]));
+    std::optional<BelowAutograd> below;
+    if (!at::GradMode::is_enabled()) below.emplace();  // no create_graph: no graph to record
+    if (step.keeps_z && !below) t = at::linear(a_prev, W, opt(saved[2]));
     Tensor delta = step.identity ? grad_a : delta_from(grad_a, t, step, false);
     // edges: a_prev, W, then b and B where given
     bool need_W = ctx->needs_input_grad(1);
