@@ -195,6 +195,8 @@ std::pair<std::vector<Tensor>, Tensor> backward_pass(
 
 Tensor rows(const Tensor& t) { return t.dim() == 2 ? t : t.reshape({-1, t.size(-1)}); }
 
+Tensor flat_target(const Tensor& t) { return t.dim() == 1 ? t : t.reshape(-1); }
+
 std::vector<Tensor> defined_or_empty(const std::vector<std::optional<Tensor>>& params) {
   std::vector<Tensor> out;
   out.reserve(params.size());
@@ -219,7 +221,7 @@ std::pair<std::vector<Tensor>, Tensor> backprop_grads(const Tensor& x, const Ten
                                                       bool direct,
                                                       std::vector<Probe>* probes = nullptr) {
   Tensor x2 = rows(x);
-  Tensor y = target.reshape(-1);
+  Tensor y = flat_target(target);
   auto [outs, zs] = forward_pass(x2, steps, params, /*inplace=*/true);
   Tensor z_L = outs.back();
   if (steps.back().identity) outs.back() = Tensor();  // backward never reads a[L]

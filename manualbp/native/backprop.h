@@ -100,6 +100,9 @@ std::pair<std::vector<Tensor>, Tensor> backward_pass(
 // (*, n) as (m, n): every leading dim is an example.
 Tensor rows(const Tensor& t);
 
+// A target (*) as (m,): a 1-D one as it is (a reshape would still cost a view op).
+Tensor flat_target(const Tensor& t);
+
 // W1, b1, ... with an undefined Tensor for each None.
 std::vector<Tensor> defined_or_empty(const std::vector<std::optional<Tensor>>& params);
 

@@ -91,13 +91,21 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
                                const c10::List<bool>& has_feedback, bool direct,
                                at::TensorList feedback, const std::vector<int64_t>& probe_slots,
                                bool clip) {
-    BelowAutograd below;  // apply runs forward in no-grad mode
+    // the saved target: a view of the user's (a 1-D one is itself), made here so that it shares
+    // their version counter and an in-place change before backward is caught
+    Tensor y = target.has_value() ? flat_target(*target) : Tensor();
     std::vector<Step> steps = plan(activations);
     std::vector<Tensor> params = with_gaps(defined, has_bias);
-    auto [outs, zs] = forward_pass(rows(x), steps, params, /*inplace=*/true);
+    std::vector<Tensor> outs, zs;
+    Tensor log_yhat, loss, count;
+    {
+      BelowAutograd below;  // apply runs forward in no-grad mode
+      std::tie(outs, zs) = forward_pass(rows(x), steps, params, /*inplace=*/true);
+      if (y.defined()) std::tie(log_yhat, loss, count) = softmax_ce_forward(outs.back(), y);
+    }
     Tensor a_L = outs.back();
     Tensor logits = a_L;
-    if (x.dim() != 2) {
+    if (x.dim() != 2) {  // a view that shares a[L]'s version counter
       std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
       shape.push_back(a_L.size(-1));
       logits = a_L.reshape(shape);
@@ -114,9 +122,7 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     if (steps.back().identity || steps.back().keeps_z) outs.back() = Tensor();
     variable_list saved = {x, Tensor(), Tensor(), Tensor()};
     variable_list result = {logits};
-    if (target.has_value()) {
-      Tensor y = target->reshape(-1);
-      auto [log_yhat, loss, count] = softmax_ce_forward(a_L, y);
+    if (y.defined()) {
       saved = {x, y, log_yhat, count};
       result.push_back(loss);
     }
