@@ -135,3 +135,59 @@ def compare(repeats: int,
                         "samples_s": times[kind],
                         "test_acc_mean": statistics.fmean(accs[kind]), "test_acc": accs[kind]}
     return result
+
+
+PARTS = ("shuffle", "slice", "zero_grad", "forward+backward", "adam", "loop")
+
+
+def breakdown(repeats: int = 3, kinds: tuple[str, ...] = ("autograd", "natural", "mlp", "backprop"),
+              adam: dict | None = None) -> dict:
+    """Where a training run's time goes: train_torch's loop, each part timed on its own.
+
+    Per kind, the median over repeats (seed = repeat, kinds rotated) of each part's seconds for
+    the whole run: the epoch's shuffle (randperm and gather), the batch slices, zero_grad, the
+    forward + backward, the optimizer step, and the loop (the rest: the timers themselves and
+    Python's loop). Build time is left out. Not the timed protocol of compare(), which has no
+    timers inside the loop.
+    """
+    X_tr, _, y_tr, _ = load()
+    tX, ty = torch.from_numpy(X_tr), torch.from_numpy(y_tr).long()
+    n, batch = tX.shape[0], SETTINGS["batch"]
+    samples = {k: {p: [] for p in PARTS} for k in kinds}
+    clock = time.perf_counter
+    for r in range(repeats):
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+            torch.manual_seed(r)
+            net, backward = _torch_net(kind)
+            opt = torch.optim.Adam(net.parameters(), lr=SETTINGS["lr"], betas=(0.9, 0.999),
+                                   eps=1e-8, **(adam or {}))
+            zero = kind != "backprop"
+            t = dict.fromkeys(PARTS, 0.0)
+            start_run = clock()
+            for _ in range(SETTINGS["epochs"]):
+                t0 = clock()
+                perm = torch.randperm(n)
+                X, y = tX[perm], ty[perm]
+                t["shuffle"] += clock() - t0
+                for start in range(0, n, batch):
+                    t1 = clock()
+                    xb, yb = X[start:start + batch], y[start:start + batch]
+                    t2 = clock()
+                    if zero:
+                        opt.zero_grad(set_to_none=True)
+                    t3 = clock()
+                    backward(net, xb, yb)
+                    t4 = clock()
+                    opt.step()
+                    t5 = clock()
+                    t["slice"] += t2 - t1
+                    t["zero_grad"] += t3 - t2
+                    t["forward+backward"] += t4 - t3
+                    t["adam"] += t5 - t4
+            total = clock() - start_run
+            t["loop"] = total - sum(t[p] for p in PARTS if p != "loop")
+            for p in PARTS:
+                samples[kind][p].append(t[p])
+    steps = SETTINGS["epochs"] * -(-n // batch)
+    return {"steps": steps, **{k: {p: statistics.median(v) for p, v in parts.items()}
+                               for k, parts in samples.items()}}

@@ -58,3 +58,20 @@ def test_per_example_benchmark_runs_and_its_checks_hold(tmp_path):
     memory = result["configs"][0]["memory"]
     for name in ("clip/per_layer", "clip/mlp", "clip/backprop"):
         assert memory[name]["extra_bytes"] <= memory["bound_bytes"], name
+
+
+@pytest.mark.slow
+def test_digits_breakdown_times_every_part_of_the_loop():
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import digits
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    result = digits.breakdown(1, kinds=("natural", "backprop"))
+    assert result["steps"] == 60 * 22  # 1347 training digits in batches of 64, the last short
+    for kind in ("natural", "backprop"):
+        parts = result[kind]
+        assert set(parts) == set(digits.PARTS)
+        assert all(v >= 0 for v in parts.values()), (kind, parts)
+        assert parts["forward+backward"] > 0 and parts["adam"] > 0

@@ -398,3 +398,23 @@ def test_native_forward_without_grad_mode_or_any_input_needing_grad(name):
         for a, b in zip(mine, ref, strict=True):
             assert not a.requires_grad
             assert_equal(a, b, "forward")
+
+
+@pytest.mark.parametrize("lead", [(), (2,)])
+def test_an_in_place_change_to_a_saved_input_before_backward_is_caught(lead):
+    """The nodes run their kernels below autograd's dispatch layers; what they save of the
+    user's tensors (the target, itself or as a view) must still share its version counter, so
+    that an in-place change between forward and backward raises as autograd's does."""
+    torch.manual_seed(50)
+    mlp = mb.MLP([5, 7, 3])
+    x = torch.randn(*lead, 4, 5)
+    for run in (lambda t: mlp.loss(x, t)[0],
+                lambda t: mb.softmax_cross_entropy(mlp(x).reshape(-1, 3), t.reshape(-1))):
+        for paused in (False, True):
+            y = torch.randint(0, 3, (*lead, 4))
+            with native.paused() if paused else torch.enable_grad():
+                loss = run(y)
+                assert ("CppNode" in node(loss)) != paused, node(loss)
+                y.add_(0)  # bumps y's version, as any in-place op would
+                with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                    loss.backward()

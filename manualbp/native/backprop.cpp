@@ -195,6 +195,8 @@ std::pair<std::vector<Tensor>, Tensor> backward_pass(
 
 Tensor rows(const Tensor& t) { return t.dim() == 2 ? t : t.reshape({-1, t.size(-1)}); }
 
+Tensor flat_target(const Tensor& t) { return t.dim() == 1 ? t : t.reshape(-1); }
+
 std::vector<Tensor> defined_or_empty(const std::vector<std::optional<Tensor>>& params) {
   std::vector<Tensor> out;
   out.reserve(params.size());
@@ -219,7 +221,7 @@ std::pair<std::vector<Tensor>, Tensor> backprop_grads(const Tensor& x, const Ten
                                                       bool direct,
                                                       std::vector<Probe>* probes = nullptr) {
   Tensor x2 = rows(x);
-  Tensor y = target.reshape(-1);
+  Tensor y = flat_target(target);
   auto [outs, zs] = forward_pass(x2, steps, params, /*inplace=*/true);
   Tensor z_L = outs.back();
   if (steps.back().identity) outs.back() = Tensor();  // backward never reads a[L]
@@ -260,7 +262,12 @@ Tensor backprop_step(const Tensor& x, const Tensor& target,
   at::NoGradGuard no_grad;
   std::vector<Tensor> ps = defined_or_empty(params);
   std::vector<Tensor> fb = defined_or_empty(feedback);
-  auto [grads, loss] = backprop_grads(x, target, ps, plan(activations), fb, direct, probes);
+  std::vector<Tensor> grads;
+  Tensor loss;
+  {
+    BelowAutograd below;
+    std::tie(grads, loss) = backprop_grads(x, target, ps, plan(activations), fb, direct, probes);
+  }
   const size_t P = ps.size();
   const bool clipped = probes != nullptr && !probes->empty() && probes->front().clip;
   for (size_t j = 0; j < P; ++j) {
@@ -312,6 +319,7 @@ double floor_seconds(const Tensor& x, const Tensor& target,
                      const std::vector<std::optional<Tensor>>& params,
                      const std::vector<std::string>& activations, int64_t reps) {
   at::NoGradGuard no_grad;
+  BelowAutograd below;
   std::vector<Tensor> ps = defined_or_empty(params);
   std::vector<Step> steps = plan(activations);
   auto t0 = std::chrono::steady_clock::now();

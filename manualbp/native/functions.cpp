@@ -91,12 +91,21 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
                                const c10::List<bool>& has_feedback, bool direct,
                                at::TensorList feedback, const std::vector<int64_t>& probe_slots,
                                bool clip) {
+    // the saved target: a view of the user's (a 1-D one is itself), made here so that it shares
+    // their version counter and an in-place change before backward is caught
+    Tensor y = target.has_value() ? flat_target(*target) : Tensor();
     std::vector<Step> steps = plan(activations);
     std::vector<Tensor> params = with_gaps(defined, has_bias);
-    auto [outs, zs] = forward_pass(rows(x), steps, params, /*inplace=*/true);
+    std::vector<Tensor> outs, zs;
+    Tensor log_yhat, loss, count;
+    {
+      BelowAutograd below;  // apply runs forward in no-grad mode
+      std::tie(outs, zs) = forward_pass(rows(x), steps, params, /*inplace=*/true);
+      if (y.defined()) std::tie(log_yhat, loss, count) = softmax_ce_forward(outs.back(), y);
+    }
     Tensor a_L = outs.back();
     Tensor logits = a_L;
-    if (x.dim() != 2) {
+    if (x.dim() != 2) {  // a view that shares a[L]'s version counter
       std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
       shape.push_back(a_L.size(-1));
       logits = a_L.reshape(shape);
@@ -113,9 +122,7 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     if (steps.back().identity || steps.back().keeps_z) outs.back() = Tensor();
     variable_list saved = {x, Tensor(), Tensor(), Tensor()};
     variable_list result = {logits};
-    if (target.has_value()) {
-      Tensor y = target->reshape(-1);
-      auto [log_yhat, loss, count] = softmax_ce_forward(a_L, y);
+    if (y.defined()) {
       saved = {x, y, log_yhat, count};
       result.push_back(loss);
     }
@@ -149,6 +156,8 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     for (bool has : has_feedback) feedback.push_back(has ? saved[k++] : Tensor());
     Tensor x2 = rows(x);
     bool scratch = !at::GradMode::is_enabled();
+    std::optional<BelowAutograd> below;
+    if (scratch) below.emplace();  // no create_graph: no graph to record
     if (!scratch) {  // create_graph: rebuild a[i], z[i] as functions of x and the weights
       std::tie(outs, zs) = forward_pass(x2, steps, params, false);
       if (log_yhat.defined()) log_yhat = at::log_softmax(outs.back(), 1);
@@ -217,6 +226,7 @@ struct LinearActNode : torch::autograd::Function<LinearActNode> {
   static Tensor forward(AutogradContext* ctx, const Tensor& a_prev, const Tensor& W,
                         const OptTensor& b, const OptTensor& B, const std::string& activation,
                         bool need_a_prev, bool need_W, int64_t slot, bool clip) {
+    BelowAutograd below;  // apply runs forward in no-grad mode
     Step step = step_of(activation);
     Tensor z = at::linear(a_prev, W, b);  // (*, n_out)
     ctx->saved_data["act"] = static_cast<int64_t>(step.act);
@@ -248,7 +258,9 @@ struct LinearActNode : torch::autograd::Function<LinearActNode> {
     const Tensor& grad_a = grad_out[0];
     variable_list result(9);  // a_prev, W, b, B, activation, need_a_prev, need_W, slot, clip
     if (!grad_a.defined()) return result;
-    if (step.keeps_z && at::GradMode::is_enabled()) t = at::linear(a_prev, W, opt(saved[2]));
+    std::optional<BelowAutograd> below;
+    if (!at::GradMode::is_enabled()) below.emplace();  // no create_graph: no graph to record
+    if (step.keeps_z && !below) t = at::linear(a_prev, W, opt(saved[2]));
     Tensor delta = step.identity ? grad_a : delta_from(grad_a, t, step, false);
     // edges: a_prev, W, then b and B where given
     bool need_W = ctx->needs_input_grad(1);

@@ -30,6 +30,7 @@ struct SoftmaxCENode : torch::autograd::Function<SoftmaxCENode> {
   static variable_list forward(AutogradContext* ctx, const Tensor& z, const Tensor& target,
                                const OptTensor& weight, int64_t ignore_index,
                                const std::string& reduction, double label_smoothing) {
+    BelowAutograd below;  // apply runs forward in no-grad mode
     int64_t red = reduction_code(reduction);
     Tensor log_yhat = at::log_softmax(z, 1);
     Tensor loss, count;  // count: the kernel's total weight of the rows it kept
@@ -57,6 +58,8 @@ struct SoftmaxCENode : torch::autograd::Function<SoftmaxCENode> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    std::optional<BelowAutograd> below;
+    if (!at::GradMode::is_enabled()) below.emplace();  // no create_graph: no graph to record
     variable_list saved = ctx->get_saved_variables();
     const Tensor &target = saved[0], &weight = saved[1], &log_yhat = saved[2], &count = saved[3];
     int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
@@ -113,6 +116,7 @@ struct SigmoidBCENode : torch::autograd::Function<SigmoidBCENode> {
   static Tensor forward(AutogradContext* ctx, const Tensor& z, const Tensor& y,
                         const OptTensor& weight, const OptTensor& pos_weight,
                         const std::string& reduction) {
+    BelowAutograd below;  // apply runs forward in no-grad mode
     int64_t red = reduction_code(reduction);
     ctx->saved_data["reduction"] = red;
     ctx->save_for_backward(
@@ -121,6 +125,8 @@ struct SigmoidBCENode : torch::autograd::Function<SigmoidBCENode> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    std::optional<BelowAutograd> below;
+    if (!at::GradMode::is_enabled()) below.emplace();  // no create_graph: no graph to record
     variable_list saved = ctx->get_saved_variables();
     const Tensor &z = saved[0], &y = saved[1], &weight = saved[2], &pos_weight = saved[3];
     const Tensor& grad = grad_out[0];
@@ -148,6 +154,7 @@ struct SigmoidBCENode : torch::autograd::Function<SigmoidBCENode> {
 struct MSENode : torch::autograd::Function<MSENode> {
   static Tensor forward(AutogradContext* ctx, const Tensor& yhat, const Tensor& y,
                         const std::string& reduction) {
+    BelowAutograd below;  // apply runs forward in no-grad mode
     int64_t red = reduction_code(reduction);
     ctx->saved_data["reduction"] = red;
     ctx->save_for_backward({yhat, y});
@@ -155,6 +162,8 @@ struct MSENode : torch::autograd::Function<MSENode> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    std::optional<BelowAutograd> below;
+    if (!at::GradMode::is_enabled()) below.emplace();  // no create_graph: no graph to record
     variable_list saved = ctx->get_saved_variables();
     const Tensor &yhat = saved[0], &y = saved[1];
     const Tensor& grad = grad_out[0];
