@@ -1,6 +1,6 @@
 """A learning rule's training step against backprop's, on the same path, side by side.
 
-    python benchmarks/rules.py [--rounds 15] [--out benchmarks/results/rules-cpu-DATE]
+    python benchmarks/rules.py [--rounds 15] [--sgd fused] [--out benchmarks/results/rules-cpu-DATE]
 
 A step is a whole SGD training step (momentum 0.9, weight decay 1e-4): forward, delta[L],
 the recursion, every gradient, optimizer.step(); "pass only" leaves the optimizer out (for
@@ -34,9 +34,11 @@ SHAPES = {"mnist1d 40-256-256-10, batch 64": ([40, 256, 256, 10], 64),
           "wide 784-1024-1024-10, batch 256": ([784, 1024, 1024, 10], 256)}
 
 
-def make_step(path: str, rule: str, sizes, x, y, update: bool = True, step_B: bool = True):
+def make_step(path: str, rule: str, sizes, x, y, update: bool = True, step_B: bool = True,
+              sgd: str = "foreach"):
     """One training step's closure; step_B=False leaves Kolen-Pollack's B out of the optimizer
-    (its .grad is still formed), to see what B's own update costs."""
+    (its .grad is still formed), to see what B's own update costs. sgd: torch.optim.SGD's
+    implementation, "foreach" (torch's default on CPU) or "fused" (one kernel per tensor)."""
     torch.manual_seed(0)
     if path == "per_layer":
         L = len(sizes) - 1
@@ -48,7 +50,7 @@ def make_step(path: str, rule: str, sizes, x, y, update: bool = True, step_B: bo
         model = mb.MLP(sizes, rule=rule)
     named = list(model.named_parameters())
     opt = torch.optim.SGD([p for n, p in named if step_B or not n.endswith("feedback")], lr=0.01,
-                          momentum=0.9, weight_decay=1e-4)
+                          momentum=0.9, weight_decay=1e-4, **{sgd: True})
     left_out = [p for n, p in named if not step_B and n.endswith("feedback")]
 
     def step():
@@ -74,6 +76,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared machine more threads than "
                         "free cores make every small GEMM wait for a descheduled thread)")
+    parser.add_argument("--sgd", choices=["foreach", "fused"], default="foreach",
+                        help="torch.optim.SGD's implementation (fused: one kernel per tensor, "
+                        "so the optimizer's share of the step, B's update included, shrinks)")
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     parser.add_argument("--kp-update", action="store_true",
                         help="instead: Kolen-Pollack's step with and without the optimizer "
@@ -94,7 +99,8 @@ def main() -> None:
         for path in ["backprop()", "node", "per_layer"]:
             rules = [r for r in RULES if path != "per_layer" or r != "direct_feedback_alignment"]
             for update in (True, False):
-                fns = {rule: make_step(path, rule, sizes, x, y, update) for rule in rules}
+                fns = {rule: make_step(path, rule, sizes, x, y, update, sgd=args.sgd)
+                       for rule in rules}
                 timed = time_interleaved(fns, args.rounds, warmup=3, target_s=args.target_s,
                                          sync=lambda: None)
                 base = timed["backprop"]["median_s"]
@@ -103,7 +109,7 @@ def main() -> None:
                     rule: {"median_ms": 1e3 * t["median_s"], "ratio": t["median_s"] / base}
                     for rule, t in timed.items()}
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "rounds": args.rounds,
+            "threads": torch.get_num_threads(), "rounds": args.rounds, "sgd": args.sgd,
             "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     table = render(results, meta)
     print(table)
@@ -120,10 +126,10 @@ def kp_update(args) -> None:
     for shape, (sizes, batch) in SHAPES.items():
         x, y = torch.randn(batch, sizes[0]), torch.randint(0, sizes[-1], (batch,))
         for path in ["backprop()", "node", "per_layer"]:
-            fns = {"backprop": make_step(path, "backprop", sizes, x, y),
-                   "kp": make_step(path, "kolen_pollack", sizes, x, y),
+            fns = {"backprop": make_step(path, "backprop", sizes, x, y, sgd=args.sgd),
+                   "kp": make_step(path, "kolen_pollack", sizes, x, y, sgd=args.sgd),
                    "kp, B not stepped": make_step(path, "kolen_pollack", sizes, x, y,
-                                                  step_B=False)}
+                                                  step_B=False, sgd=args.sgd)}
             t = {k: v["median_s"] for k, v in time_interleaved(
                 fns, args.rounds, warmup=3, target_s=args.target_s, sync=lambda: None).items()}
             share = (t["kp"] - t["kp, B not stepped"]) / t["kp"]
@@ -160,7 +166,8 @@ def akrout_epoch() -> None:
 
 def render(results: dict, meta: dict) -> str:
     lines = [f"torch {meta['torch']}, {meta['threads']} threads, {meta['rounds']} interleaved "
-             f"rounds, load average {meta['loadavg_before'][0]:.1f} -> "
+             f"rounds, SGD ({meta.get('sgd', 'foreach')}), load average "
+             f"{meta['loadavg_before'][0]:.1f} -> "
              f"{meta['loadavg_after'][0]:.1f}; step time ratio to backprop on the same path "
              "(backprop's median ms in brackets)", "",
              "| shape, path | " + " | ".join(RULES[1:]) + " |", "|---" * len(RULES) + "|"]
