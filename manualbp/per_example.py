@@ -20,6 +20,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from manualbp import native
 from manualbp.apply import tracing
 from manualbp.per_example_norms import _key, accumulate, clipped, group, part_sq, sq_norms
 
@@ -38,10 +39,11 @@ def active():
 class _Call:
     """One call of a covered layer inside the block; backward fills in its a_prev and delta."""
 
-    __slots__ = ("W", "b", "batch", "clip", "a_prev", "delta", "rows", "native")
+    __slots__ = ("W", "b", "batch", "clip", "a_prev", "delta", "rows", "native", "rows_now")
 
-    def __init__(self, W, b, batch: int, clip: bool) -> None:
+    def __init__(self, W, b, batch: int, clip: bool, rows_now: bool) -> None:
         self.W, self.b, self.batch, self.clip = W, b, batch, clip
+        self.rows_now = rows_now  # take 2-D row norms in backward (else the C++ finish does)
         self.a_prev = self.delta = self.rows = self.native = None
 
     def slot(self, lib) -> int:
@@ -62,9 +64,9 @@ class _Call:
 
     def __call__(self, delta: Tensor, a_prev: Tensor | None) -> bool:
         self.delta, self.a_prev = delta, a_prev = _detached(delta), _detached(a_prev)
-        if delta.dim() == 2 and delta.shape[0] == self.batch:  # 2-D: the row norms now, while
-            self.rows = (_norm(delta, dim=1),  # delta and a_prev are fresh in cache
-                         None if self.W is None else _norm(a_prev, dim=1))
+        if self.rows_now and delta.dim() == 2 and delta.shape[0] == self.batch:
+            self.rows = (_norm(delta, dim=1),  # 2-D: the row norms now, while delta and a_prev
+                         None if self.W is None else _norm(a_prev, dim=1))  # are in cache
         return self.clip  # clipping: the block forms grad_W, grad_b at exit
 
 
@@ -178,6 +180,9 @@ class PerExample:
         self._sq: dict[int, tuple] | None = None
         self._by_param: dict[str, Tensor] | None = None
         self._scale = 1.0
+        # the C++ finish (native.finish_rows) for the common case, where it can run: it takes
+        # the row norms itself, so the probes need not (a traced step keeps to Python)
+        self._lib = None if self.grads or self._ddp or tracing() else native.lib()
 
     # -- what the layers call while the block is open --------------------------------------
     def probe(self, layer: nn.Module, a_prev: Tensor, W: Tensor, b: Tensor | None,
@@ -202,7 +207,7 @@ class PerExample:
             raise ValueError(
                 f"per_example: expected input with a batch dim, shape (B, *, n_in), got "
                 f"{tuple(a_prev.shape)}; give it one with x.unsqueeze(0)")
-        call = _Call(W, b, a_prev.shape[0], self.clip)
+        call = _Call(W, b, a_prev.shape[0], self.clip, self._lib is None)
         self._calls.append(call)
         return call
 
@@ -248,9 +253,20 @@ class PerExample:
                 f"per_example: expected every layer to see the same batch (dim 0), got sizes "
                 f"{got}; one batch per block")
         self._scale = scale = float(batch) if self.reduction == "mean" else 1.0  # g_n = scale share
-        norms = None if self.grads else _stacked_norms(calls)
-        if norms is not None:  # the common case: a few kernels, no grouping
-            norms, self._sq = norms
+        stacked = not self.grads and _stackable(calls)  # the common case
+        if stacked and self._lib is not None:  # in one C++ call
+            norms, S = self._lib.finish_rows(
+                [c.delta for c in calls], [c.a_prev for c in calls],
+                [t for c in calls for t in (c.rows or (None, None))], [c.W for c in calls],
+                [c.b for c in calls], calls[0].b is not None, scale, self.max_norm)
+            self._sq = _stacked_parts(calls, S)
+            for c in self._calls:
+                c.delta = c.a_prev = c.rows = None
+            self._by_param, self.norms = None, norms
+            return
+        norms = None
+        if stacked:  # a few kernels, no grouping
+            norms, self._sq = _stacked_norms(calls)
         shares = group(calls, batch) if norms is None or self.clip else None
         if norms is None:
             known = {}  # _key(t) -> ||t_n||, the row norms the probes took in backward
@@ -284,27 +300,43 @@ class PerExample:
         return self._by_param
 
 
-def _stacked_norms(calls):
-    """(||share_n|| (B,), parts as sq_norms gives them) when every call is 2-D with its rows
-    taken in backward, every layer has W (and all or none a bias) and no parameter is called
-    twice; else None. With S (L, 2, B) holding (||delta_n||, ||a_n||) per layer,
-    S[:, 1] *= S[:, 0] leaves what the norm over both takes: ||g_n||^2 = sum of squares."""
+def _stackable(calls) -> bool:
+    """Whether _stacked_norms serves calls: every call 2-D (B, n), every layer with W (and all
+    or none a bias), no parameter called twice."""
     seen: set[int] = set()
     bias = calls[0].b is not None
+    batch = calls[0].batch
     for c in calls:
-        if c.rows is None or c.W is None or (c.b is not None) != bias or id(c.W) in seen \
+        if c.W is None or (c.b is not None) != bias or c.delta.dim() != 2 \
+                or c.delta.shape[0] != batch or c.a_prev.dim() != 2 or id(c.W) in seen \
                 or (bias and id(c.b) in seen):
-            return None
+            return False
         seen.add(id(c.W))
         if bias:
             seen.add(id(c.b))
-    S = torch.stack([t for c in calls for t in c.rows]).view(len(calls), 2, -1)
+    return True
+
+
+def _stacked_norms(calls):
+    """(||share_n|| (B,), parts as sq_norms gives them) for calls _stackable serves. With S
+    (L, 2, B) holding (||delta_n||, ||a_n||) per layer, S[:, 1] *= S[:, 0] leaves what the norm
+    over both takes: ||g_n||^2 = sum of squares. native.finish_rows is this and clipped() in C++."""
+    S = torch.stack([t for c in calls for t in (c.rows or (_norm(c.delta, dim=1),
+                                                           _norm(c.a_prev, dim=1)))])
+    S = S.view(len(calls), 2, -1)
     S[:, 1].mul_(S[:, 0])  # ||delta_n a_n^T|| = ||delta_n|| ||a_n||
+    # square, sum, sqrt: vector_norm over S's two leading dims is a slow kernel (3x)
+    norms = S.square().sum((0, 1)).sqrt_() if calls[0].b is not None \
+        else S[:, 1].square().sum(0).sqrt_()
+    return norms, _stacked_parts(calls, S)
+
+
+def _stacked_parts(calls, S) -> dict:
+    """What norms_by_param reads for each parameter from _stacked_norms' S."""
     parts = {id(c.W): (S, (k, 1), None) for k, c in enumerate(calls)}
-    if bias:
+    if calls[0].b is not None:
         parts.update({id(c.b): (S, (k, 0), None) for k, c in enumerate(calls)})
-        return torch.linalg.vector_norm(S, dim=(0, 1)), parts
-    return torch.linalg.vector_norm(S[:, 1], dim=0), parts
+    return parts
 
 
 def per_example(model: nn.Module, reduction: str = "mean", max_norm: float | None = None,

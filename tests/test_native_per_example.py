@@ -7,6 +7,8 @@ and the Python pass must not run when the C++ core is there. tests/test_per_exam
 both backends against torch.func's vmap(grad) in float64.
 """
 
+import sys
+
 import pytest
 import torch
 from test_native import assert_equal
@@ -139,3 +141,90 @@ def test_a_native_slot_is_closed_when_the_block_ends():
     loss.backward()
     out.sum().backward()  # both after their blocks
     assert all(lib.take_slot(slot) == [None, None] for slot in slots)
+
+
+def stack_of_linears(dtype, bias, reused=False):
+    """Three mb.Linear layers (the per-layer path); reused: the middle one is called twice."""
+    torch.manual_seed(9)
+    first, middle, last = (mb.Linear(5, 6, activation="tanh", bias=bias, dtype=dtype),
+                           mb.Linear(6, 6, activation="relu", bias=bias, dtype=dtype),
+                           mb.Linear(6, 4, bias=bias, dtype=dtype))
+    body = [first, middle, middle, last] if reused else [first, middle, last]
+    return torch.nn.Sequential(*body)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("path, options", [
+    (path, options) for path in ("per_layer", "node", "backprop") for options in (
+        {}, {"reduction": "sum"}, {"max_norm": 0.05}, {"max_norm": 0.05, "reduction": "sum"},
+        {"max_norm": 1e3}) if path != "backprop" or "reduction" not in options  # a mean loss
+])
+def test_the_cpp_finish_is_bit_identical_to_the_python_finish(path, options, bias, dtype,
+                                                              monkeypatch):
+    """2-D shares, every layer with W and all or none a bias: native.finish_rows ends the block
+    (the Python finish is never asked), with the Python finish's norms, norms by parameter and
+    .grad bits."""
+    if path == "per_layer":
+        model = stack_of_linears(dtype, bias)
+    else:
+        torch.manual_seed(9)
+        model = mb.MLP([5, 6, 6, 4], activation="tanh", bias=bias, dtype=dtype)
+    x, y = torch.randn(7, 5, dtype=dtype), torch.randint(0, 4, (7,))
+    reduction = options.get("reduction", "mean")
+
+    def run():
+        if path == "backprop":
+            return model.backprop(x, y)
+        loss = mb.softmax_cross_entropy(model(x), y, reduction=reduction)
+        loss.backward()
+        return loss.detach()
+
+    pe_module = sys.modules["manualbp.per_example"]
+    python_finish = pe_module._stacked_norms
+
+    def not_here(calls):
+        if native.lib() is not None:
+            raise AssertionError("the Python finish ran though the C++ one serves this block")
+        return python_finish(calls)
+
+    monkeypatch.setattr(pe_module, "_stacked_norms", not_here)
+    assert_same(*both(model, run, **options))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["reused", "frozen", "lead", "mixed-bias"])
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_blocks_the_cpp_finish_does_not_serve_take_the_python_finish(case, max_norm, dtype,
+                                                                    monkeypatch):
+    """A reused layer, a frozen weight, (B, T, n) shares or a mix of layers with and without a
+    bias: the Python finish, bit for bit the same on both backends."""
+    model = stack_of_linears(dtype, True, reused=case == "reused")
+    if case == "frozen":
+        model[1].weight.requires_grad_(False)
+    if case == "mixed-bias":
+        model[2].bias = None
+    lead = (3,) if case == "lead" else ()
+    x, y = torch.randn(7, *lead, 5, dtype=dtype), torch.randint(0, 4, (7, *lead))
+
+    def run():
+        out = model(x)
+        loss = mb.softmax_cross_entropy(out.reshape(-1, 4), y.reshape(-1))
+        loss.backward()
+        return loss.detach()
+
+    lib, calls = native.load(), []
+    real = lib.finish_rows
+
+    class Spy:  # the extension module's attributes are read-only: stand in for it
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def finish_rows(self, *args):
+            calls.append(args)
+            return real(*args)
+
+    real_lib = native.lib
+    monkeypatch.setattr(native, "lib", lambda: None if real_lib() is None else Spy())
+    assert_same(*both(model, run, max_norm=max_norm))
+    assert calls == []
