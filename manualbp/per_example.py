@@ -213,7 +213,12 @@ class PerExample:
 
     def node_probes(self, layers, x: Tensor, traced_ok: bool = False):
         """Probes for an MLP node's layers (None if none is covered), in its trace slot."""
-        probes = [self.probe(layer, x, layer.weight, layer.bias, traced_ok) for layer in layers]
+        probes = []
+        for layer in layers:  # the weight and bias as layer.weight reads them, without
+            own = layer._parameters  # nn.Module.__getattr__ (a parametrization's are not here)
+            W = own["weight"] if "weight" in own else layer.weight
+            b = own["bias"] if "bias" in own else layer.bias
+            probes.append(self.probe(layer, x, W, b, traced_ok))
         return None if all(p is None for p in probes) else _NodeProbes(probes)
 
     # -- the block ---------------------------------------------------------------------------
@@ -255,18 +260,24 @@ class PerExample:
         self._scale = scale = float(batch) if self.reduction == "mean" else 1.0  # g_n = scale share
         stacked = not self.grads and _stackable(calls)  # the common case
         if stacked and self._lib is not None:  # in one C++ call
-            norms, S = self._lib.finish_rows(
-                [c.delta for c in calls], [c.a_prev for c in calls],
-                [t for c in calls for t in (c.rows or (None, None))], [c.W for c in calls],
-                [c.b for c in calls], calls[0].b is not None, scale, self.max_norm)
-            self._sq = _stacked_parts(calls, S)
+            deltas, a_prevs, rows, Ws, bs = [], [], [], [], []
+            for c in calls:
+                deltas.append(c.delta)
+                a_prevs.append(c.a_prev)
+                rows += c.rows or (None, None)
+                Ws.append(c.W)
+                bs.append(c.b)
+            norms, S = self._lib.finish_rows(deltas, a_prevs, rows, Ws, bs, bs[0] is not None,
+                                             scale, self.max_norm)
+            self._sq = (Ws, bs, S)  # norms_by_param reads them when asked
             for c in self._calls:
                 c.delta = c.a_prev = c.rows = None
             self._by_param, self.norms = None, norms
             return
         norms = None
         if stacked:  # a few kernels, no grouping
-            norms, self._sq = _stacked_norms(calls)
+            norms, S = _stacked_norms(calls)
+            self._sq = ([c.W for c in calls], [c.b for c in calls], S)
         shares = group(calls, batch) if norms is None or self.clip else None
         if norms is None:
             known = {}  # _key(t) -> ||t_n||, the row norms the probes took in backward
@@ -295,47 +306,45 @@ class PerExample:
     def norms_by_param(self) -> dict[str, Tensor]:
         """{parameter name: (B,)} each example's gradient norm for that parameter alone."""
         if self._by_param is None:
+            sq = self._sq or {}
+            if isinstance(sq, tuple):  # (Ws, bs, S) from _stacked_norms or finish_rows
+                sq = _stacked_parts(*sq)
             self._by_param = {self._names[key]: part_sq(part).sqrt() * self._scale
-                              for key, part in (self._sq or {}).items()}
+                              for key, part in sq.items()}
         return self._by_param
 
 
 def _stackable(calls) -> bool:
     """Whether _stacked_norms serves calls: every call 2-D (B, n), every layer with W (and all
     or none a bias), no parameter called twice."""
-    seen: set[int] = set()
     bias = calls[0].b is not None
     batch = calls[0].batch
     for c in calls:
         if c.W is None or (c.b is not None) != bias or c.delta.dim() != 2 \
-                or c.delta.shape[0] != batch or c.a_prev.dim() != 2 or id(c.W) in seen \
-                or (bias and id(c.b) in seen):
+                or c.delta.shape[0] != batch or c.a_prev.dim() != 2:
             return False
-        seen.add(id(c.W))
-        if bias:
-            seen.add(id(c.b))
-    return True
+    n = len(calls)
+    return len({id(c.W) for c in calls}) == n and (not bias or len({id(c.b) for c in calls}) == n)
 
 
 def _stacked_norms(calls):
-    """(||share_n|| (B,), parts as sq_norms gives them) for calls _stackable serves. With S
-    (L, 2, B) holding (||delta_n||, ||a_n||) per layer, S[:, 1] *= S[:, 0] leaves what the norm
-    over both takes: ||g_n||^2 = sum of squares. native.finish_rows is this and clipped() in C++."""
+    """(||g_n|| (B,), S) for calls _stackable serves. With S (B, L, 2) holding (||delta_n||,
+    ||a_n||) per layer, S[:, :, 1] *= S[:, :, 0] leaves what the norm over both takes:
+    ||g_n||^2 = sum of squares. native.finish_rows is this and clipped() in C++."""
     S = torch.stack([t for c in calls for t in (c.rows or (_norm(c.delta, dim=1),
-                                                           _norm(c.a_prev, dim=1)))])
-    S = S.view(len(calls), 2, -1)
-    S[:, 1].mul_(S[:, 0])  # ||delta_n a_n^T|| = ||delta_n|| ||a_n||
-    # square, sum, sqrt: vector_norm over S's two leading dims is a slow kernel (3x)
-    norms = S.square().sum((0, 1)).sqrt_() if calls[0].b is not None \
-        else S[:, 1].square().sum(0).sqrt_()
-    return norms, _stacked_parts(calls, S)
+                                                           _norm(c.a_prev, dim=1)))], 1)
+    S = S.view(S.shape[0], len(calls), 2)  # (B, L, 2)
+    S[:, :, 1].mul_(S[:, :, 0])  # ||delta_n a_n^T|| = ||delta_n|| ||a_n||
+    norms = _norm(S.view(S.shape[0], -1), dim=1) if calls[0].b is not None \
+        else _norm(S[:, :, 1], dim=1)
+    return norms, S
 
 
-def _stacked_parts(calls, S) -> dict:
-    """What norms_by_param reads for each parameter from _stacked_norms' S."""
-    parts = {id(c.W): (S, (k, 1), None) for k, c in enumerate(calls)}
-    if calls[0].b is not None:
-        parts.update({id(c.b): (S, (k, 0), None) for k, c in enumerate(calls)})
+def _stacked_parts(Ws, bs, S) -> dict:
+    """What norms_by_param reads for each parameter from _stacked_norms' S (B, L, 2)."""
+    parts = {id(W): (S, (slice(None), k, 1), None) for k, W in enumerate(Ws)}
+    if bs[0] is not None:
+        parts.update({id(b): (S, (slice(None), k, 0), None) for k, b in enumerate(bs)})
     return parts
 
 

@@ -105,8 +105,8 @@ def _combine(S: Tensor, pairs) -> Tensor:
 
 
 def part_sq(part) -> Tensor:
-    """One parameter's (B,) squared norm from what sq_norms kept for it; (S, (k, j), None)
-    stands for the norm S[k, j] itself (per_example's stacked rows)."""
+    """One parameter's (B,) squared norm from what sq_norms kept for it; (S, index, None) with
+    a tuple index stands for the norm S[index] itself (per_example's stacked rows)."""
     t, i, j = part
     if i is None:
         return t

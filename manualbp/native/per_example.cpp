@@ -55,7 +55,7 @@ void clipped(const std::vector<Tensor>& deltas, const std::vector<Tensor>& a_pre
 
 }  // namespace
 
-// (norms (B,), S (L, 2, B) with S[k] = (||delta_k,n||, ||delta_k,n|| ||a_prev_k,n||)) from each
+// (norms (B,), S (B, L, 2) with S[n, k] = (||delta_k,n||, ||delta_k,n|| ||a_prev_k,n||)) from each
 // covered call's delta (B, n_out) and a_prev (B, n_in); rows: per call, its two row norms when
 // the probe took them in backward, else None. scale: B for a mean loss (g_n = B * share_n).
 // max_norm: C, and then each W_k, b_k gets its clipped gradient added to .grad.
@@ -77,10 +77,11 @@ std::tuple<Tensor, Tensor> finish_rows(const std::vector<Tensor>& deltas,
     norms_of.push_back(rows[2 * k].has_value() ? *rows[2 * k] : row_norms(deltas[k]));
     norms_of.push_back(rows[2 * k + 1].has_value() ? *rows[2 * k + 1] : row_norms(a_prevs[k]));
   }
-  Tensor S = at::stack(norms_of).view({static_cast<int64_t>(L), 2, -1});
-  S.select(1, 1).mul_(S.select(1, 0));  // ||delta_n a_n^T|| = ||delta_n|| ||a_n||
-  Tensor norms = bias ? at::square(S).sum(at::IntArrayRef{0, 1}).sqrt_()
-                      : at::square(S.select(1, 1)).sum(at::IntArrayRef{0}).sqrt_();
+  Tensor S = at::stack(norms_of, 1);  // (B, 2L)
+  const int64_t B = S.size(0);
+  S = S.view({B, static_cast<int64_t>(L), 2});
+  S.select(2, 1).mul_(S.select(2, 0));  // ||delta_n a_n^T|| = ||delta_n|| ||a_n||
+  Tensor norms = row_norms(bias ? S.view({B, -1}) : S.select(2, 1));
   if (scale != 1.0) norms.mul_(scale);
   if (max_norm.has_value()) clipped(deltas, a_prevs, Ws, bs, norms, *max_norm);
   return {norms, S};
