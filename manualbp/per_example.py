@@ -267,11 +267,12 @@ class PerExample:
                 rows += c.rows or (None, None)
                 Ws.append(c.W)
                 bs.append(c.b)
+            for c in self._calls:  # deltas, a_prevs hold the shares alone: the C++ frees each
+                c.delta = c.a_prev = c.rows = None  # once used (it empties the two lists)
+            del calls, c
             norms, S = self._lib.finish_rows(deltas, a_prevs, rows, Ws, bs, bs[0] is not None,
                                              scale, self.max_norm)
             self._sq = (Ws, bs, S)  # norms_by_param reads them when asked
-            for c in self._calls:
-                c.delta = c.a_prev = c.rows = None
             self._by_param, self.norms = None, norms
             return
         norms = None

@@ -37,18 +37,21 @@ void accumulate(const Tensor& p, Tensor g) {
 
 // per_example_norms.clipped for 2-D shares, one per parameter: W_k, b_k in call order, so the
 // last call's b comes first.
-void clipped(const std::vector<Tensor>& deltas, const std::vector<Tensor>& a_prevs,
+// Each share is let go once used, so the widest gradients are formed with the least held.
+void clipped(std::vector<Tensor>& deltas, std::vector<Tensor>& a_prevs,
              const std::vector<Tensor>& Ws, const std::vector<std::optional<Tensor>>& bs,
              const Tensor& norms, double max_norm) {
   Tensor c = at::reciprocal(at::add(norms, kEps)).mul(max_norm);  // C / (norm + eps), as
   c.clamp_(std::nullopt, 1.0);                                      // Python's float / tensor
   for (size_t k = deltas.size(); k-- > 0;) {
-    const Tensor& D = deltas[k];  // (B, n_out)
-    const Tensor& A = a_prevs[k];  // (B, n_in)
+    Tensor D = std::move(deltas[k]);  // (B, n_out)
+    Tensor A = std::move(a_prevs[k]);  // (B, n_in)
     Tensor cd = c.to(D.scalar_type());
     if (bs[k].has_value()) accumulate(*bs[k], D.t().mv(cd));  // sum_n c_n delta_n
     Tensor grad_W = D.size(1) <= A.size(1) ? D.mul(cd.unsqueeze(1)).t().mm(A)
                                            : D.t().mm(A.mul(cd.unsqueeze(1)));
+    D.reset();
+    A.reset();
     accumulate(Ws[k], std::move(grad_W));
   }
 }
@@ -59,18 +62,26 @@ void clipped(const std::vector<Tensor>& deltas, const std::vector<Tensor>& a_pre
 // covered call's delta (B, n_out) and a_prev (B, n_in); rows: per call, its two row norms when
 // the probe took them in backward, else None. scale: B for a mean loss (g_n = B * share_n).
 // max_norm: C, and then each W_k, b_k gets its clipped gradient added to .grad.
-std::tuple<Tensor, Tensor> finish_rows(const std::vector<Tensor>& deltas,
-                                       const std::vector<Tensor>& a_prevs,
+// deltas and a_prevs are Python lists that this empties (None for each), so that each share is
+// held here alone and freed once used, as the Python finish frees its shares.
+std::tuple<Tensor, Tensor> finish_rows(py::list delta_list, py::list a_prev_list,
                                        const std::vector<std::optional<Tensor>>& rows,
                                        const std::vector<Tensor>& Ws,
                                        const std::vector<std::optional<Tensor>>& bs, bool bias,
                                        double scale, std::optional<double> max_norm) {
-  const size_t L = deltas.size();
-  TORCH_CHECK_VALUE(L > 0 && a_prevs.size() == L && rows.size() == 2 * L && Ws.size() == L &&
-                        bs.size() == L,
+  const size_t L = delta_list.size();
+  TORCH_CHECK_VALUE(L > 0 && a_prev_list.size() == L && rows.size() == 2 * L &&
+                        Ws.size() == L && bs.size() == L,
                     "manualbp native: finish_rows expected, per call, a delta, an a_prev, two "
-                    "row norms, a W and a b; got ", L, ", ", a_prevs.size(), ", ", rows.size(),
-                    ", ", Ws.size(), ", ", bs.size());
+                    "row norms, a W and a b; got ", L, ", ", a_prev_list.size(), ", ",
+                    rows.size(), ", ", Ws.size(), ", ", bs.size());
+  std::vector<Tensor> deltas, a_prevs;
+  for (size_t k = 0; k < L; ++k) {
+    deltas.push_back(delta_list[k].cast<Tensor>());
+    a_prevs.push_back(a_prev_list[k].cast<Tensor>());
+    delta_list[k] = py::none();
+    a_prev_list[k] = py::none();
+  }
   std::vector<Tensor> norms_of;  // ||delta_1,n||, ||a_1,n||, ||delta_2,n||, ...
   norms_of.reserve(2 * L);
   for (size_t k = 0; k < L; ++k) {
@@ -83,7 +94,9 @@ std::tuple<Tensor, Tensor> finish_rows(const std::vector<Tensor>& deltas,
   S.select(2, 1).mul_(S.select(2, 0));  // ||delta_n a_n^T|| = ||delta_n|| ||a_n||
   Tensor norms = row_norms(bias ? S.view({B, -1}) : S.select(2, 1));
   if (scale != 1.0) norms.mul_(scale);
-  if (max_norm.has_value()) clipped(deltas, a_prevs, Ws, bs, norms, *max_norm);
+  if (max_norm.has_value()) {
+    clipped(deltas, a_prevs, Ws, bs, norms, *max_norm);
+  }
   return {norms, S};
 }
 
