@@ -7,8 +7,6 @@ and the Python pass must not run when the C++ core is there. tests/test_per_exam
 both backends against torch.func's vmap(grad) in float64.
 """
 
-import sys
-
 import pytest
 import torch
 from test_native import assert_equal
