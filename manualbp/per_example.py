@@ -20,6 +20,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from manualbp import native
 from manualbp.apply import tracing
 from manualbp.per_example_norms import _key, accumulate, clipped, group, part_sq, sq_norms
 
@@ -38,10 +39,11 @@ def active():
 class _Call:
     """One call of a covered layer inside the block; backward fills in its a_prev and delta."""
 
-    __slots__ = ("W", "b", "batch", "clip", "a_prev", "delta", "rows", "native")
+    __slots__ = ("W", "b", "batch", "clip", "a_prev", "delta", "rows", "native", "rows_now")
 
-    def __init__(self, W, b, batch: int, clip: bool) -> None:
+    def __init__(self, W, b, batch: int, clip: bool, rows_now: bool) -> None:
         self.W, self.b, self.batch, self.clip = W, b, batch, clip
+        self.rows_now = rows_now  # take 2-D row norms in backward (else the C++ finish does)
         self.a_prev = self.delta = self.rows = self.native = None
 
     def slot(self, lib) -> int:
@@ -62,9 +64,9 @@ class _Call:
 
     def __call__(self, delta: Tensor, a_prev: Tensor | None) -> bool:
         self.delta, self.a_prev = delta, a_prev = _detached(delta), _detached(a_prev)
-        if delta.dim() == 2 and delta.shape[0] == self.batch:  # 2-D: the row norms now, while
-            self.rows = (_norm(delta, dim=1),  # delta and a_prev are fresh in cache
-                         None if self.W is None else _norm(a_prev, dim=1))
+        if self.rows_now and delta.dim() == 2 and delta.shape[0] == self.batch:
+            self.rows = (_norm(delta, dim=1),  # 2-D: the row norms now, while delta and a_prev
+                         None if self.W is None else _norm(a_prev, dim=1))  # are in cache
         return self.clip  # clipping: the block forms grad_W, grad_b at exit
 
 
@@ -178,6 +180,9 @@ class PerExample:
         self._sq: dict[int, tuple] | None = None
         self._by_param: dict[str, Tensor] | None = None
         self._scale = 1.0
+        # the C++ finish (native.finish_rows) for the common case, where it can run: it takes
+        # the row norms itself, so the probes need not (a traced step keeps to Python)
+        self._lib = None if self.grads or self._ddp or tracing() else native.lib()
 
     # -- what the layers call while the block is open --------------------------------------
     def probe(self, layer: nn.Module, a_prev: Tensor, W: Tensor, b: Tensor | None,
@@ -202,13 +207,18 @@ class PerExample:
             raise ValueError(
                 f"per_example: expected input with a batch dim, shape (B, *, n_in), got "
                 f"{tuple(a_prev.shape)}; give it one with x.unsqueeze(0)")
-        call = _Call(W, b, a_prev.shape[0], self.clip)
+        call = _Call(W, b, a_prev.shape[0], self.clip, self._lib is None)
         self._calls.append(call)
         return call
 
     def node_probes(self, layers, x: Tensor, traced_ok: bool = False):
         """Probes for an MLP node's layers (None if none is covered), in its trace slot."""
-        probes = [self.probe(layer, x, layer.weight, layer.bias, traced_ok) for layer in layers]
+        probes = []
+        for layer in layers:  # the weight and bias as layer.weight reads them, without
+            own = layer._parameters  # nn.Module.__getattr__ (a parametrization's are not here)
+            W = own["weight"] if "weight" in own else layer.weight
+            b = own["bias"] if "bias" in own else layer.bias
+            probes.append(self.probe(layer, x, W, b, traced_ok))
         return None if all(p is None for p in probes) else _NodeProbes(probes)
 
     # -- the block ---------------------------------------------------------------------------
@@ -248,9 +258,27 @@ class PerExample:
                 f"per_example: expected every layer to see the same batch (dim 0), got sizes "
                 f"{got}; one batch per block")
         self._scale = scale = float(batch) if self.reduction == "mean" else 1.0  # g_n = scale share
-        norms = None if self.grads else _stacked_norms(calls)
-        if norms is not None:  # the common case: a few kernels, no grouping
-            norms, self._sq = norms
+        stacked = not self.grads and _stackable(calls)  # the common case
+        if stacked and self._lib is not None:  # in one C++ call
+            deltas, a_prevs, rows, Ws, bs = [], [], [], [], []
+            for c in calls:
+                deltas.append(c.delta)
+                a_prevs.append(c.a_prev)
+                rows += c.rows or (None, None)
+                Ws.append(c.W)
+                bs.append(c.b)
+            for c in self._calls:  # deltas, a_prevs hold the shares alone: the C++ frees each
+                c.delta = c.a_prev = c.rows = None  # once used (it empties the two lists)
+            del calls, c
+            norms, S = self._lib.finish_rows(deltas, a_prevs, rows, Ws, bs, bs[0] is not None,
+                                             scale, self.max_norm)
+            self._sq = (Ws, bs, S)  # norms_by_param reads them when asked
+            self._by_param, self.norms = None, norms
+            return
+        norms = None
+        if stacked:  # a few kernels, no grouping
+            norms, S = _stacked_norms(calls)
+            self._sq = ([c.W for c in calls], [c.b for c in calls], S)
         shares = group(calls, batch) if norms is None or self.clip else None
         if norms is None:
             known = {}  # _key(t) -> ||t_n||, the row norms the probes took in backward
@@ -279,32 +307,46 @@ class PerExample:
     def norms_by_param(self) -> dict[str, Tensor]:
         """{parameter name: (B,)} each example's gradient norm for that parameter alone."""
         if self._by_param is None:
+            sq = self._sq or {}
+            if isinstance(sq, tuple):  # (Ws, bs, S) from _stacked_norms or finish_rows
+                sq = _stacked_parts(*sq)
             self._by_param = {self._names[key]: part_sq(part).sqrt() * self._scale
-                              for key, part in (self._sq or {}).items()}
+                              for key, part in sq.items()}
         return self._by_param
 
 
-def _stacked_norms(calls):
-    """(||share_n|| (B,), parts as sq_norms gives them) when every call is 2-D with its rows
-    taken in backward, every layer has W (and all or none a bias) and no parameter is called
-    twice; else None. With S (L, 2, B) holding (||delta_n||, ||a_n||) per layer,
-    S[:, 1] *= S[:, 0] leaves what the norm over both takes: ||g_n||^2 = sum of squares."""
-    seen: set[int] = set()
+def _stackable(calls) -> bool:
+    """Whether _stacked_norms serves calls: every call 2-D (B, n), every layer with W (and all
+    or none a bias), no parameter called twice."""
     bias = calls[0].b is not None
+    batch = calls[0].batch
     for c in calls:
-        if c.rows is None or c.W is None or (c.b is not None) != bias or id(c.W) in seen \
-                or (bias and id(c.b) in seen):
-            return None
-        seen.add(id(c.W))
-        if bias:
-            seen.add(id(c.b))
-    S = torch.stack([t for c in calls for t in c.rows]).view(len(calls), 2, -1)
-    S[:, 1].mul_(S[:, 0])  # ||delta_n a_n^T|| = ||delta_n|| ||a_n||
-    parts = {id(c.W): (S, (k, 1), None) for k, c in enumerate(calls)}
-    if bias:
-        parts.update({id(c.b): (S, (k, 0), None) for k, c in enumerate(calls)})
-        return torch.linalg.vector_norm(S, dim=(0, 1)), parts
-    return torch.linalg.vector_norm(S[:, 1], dim=0), parts
+        if c.W is None or (c.b is not None) != bias or c.delta.dim() != 2 \
+                or c.delta.shape[0] != batch or c.a_prev.dim() != 2:
+            return False
+    n = len(calls)
+    return len({id(c.W) for c in calls}) == n and (not bias or len({id(c.b) for c in calls}) == n)
+
+
+def _stacked_norms(calls):
+    """(||g_n|| (B,), S) for calls _stackable serves. With S (B, L, 2) holding (||delta_n||,
+    ||a_n||) per layer, S[:, :, 1] *= S[:, :, 0] leaves what the norm over both takes:
+    ||g_n||^2 = sum of squares. native.finish_rows is this and clipped() in C++."""
+    S = torch.stack([t for c in calls for t in (c.rows or (_norm(c.delta, dim=1),
+                                                           _norm(c.a_prev, dim=1)))], 1)
+    S = S.view(S.shape[0], len(calls), 2)  # (B, L, 2)
+    S[:, :, 1].mul_(S[:, :, 0])  # ||delta_n a_n^T|| = ||delta_n|| ||a_n||
+    norms = _norm(S.view(S.shape[0], -1), dim=1) if calls[0].b is not None \
+        else _norm(S[:, :, 1], dim=1)
+    return norms, S
+
+
+def _stacked_parts(Ws, bs, S) -> dict:
+    """What norms_by_param reads for each parameter from _stacked_norms' S (B, L, 2)."""
+    parts = {id(W): (S, (slice(None), k, 1), None) for k, W in enumerate(Ws)}
+    if bs[0] is not None:
+        parts.update({id(b): (S, (slice(None), k, 0), None) for k, b in enumerate(bs)})
+    return parts
 
 
 def per_example(model: nn.Module, reduction: str = "mean", max_norm: float | None = None,

@@ -57,6 +57,7 @@ def sq_norms(shares, known=None) -> tuple[Tensor, dict]:
     pairs: list[tuple] = []  # (param key, i, j or None)
     sqs: dict[int, Tensor] = {}  # param key -> (B,) squared norm of a (B, T, n) share
     grams: dict[tuple, Tensor] = {}  # _key(A) -> A A^T, shared by layers fed the same input
+    # (and _key(D) -> D D^T: a layer's b reads its W's, ||sum_t delta_t||^2 = sum of D D^T)
 
     def row(t: Tensor, shared: bool = True) -> int:  # shared: t is held by shares meanwhile
         k = _key(t) if shared else None
@@ -74,6 +75,8 @@ def sq_norms(shares, known=None) -> tuple[Tensor, dict]:
             pairs.append((key, row(D), row(A) if kind == "W" else None))
         elif kind == "W":
             sqs[key] = _sq_norm(D, A, grams)
+        elif _key(D) in grams:  # its W took the Gram form: (B, T T) already, not (B, T, n_out)
+            sqs[key] = grams[_key(D)].sum(1)
         else:
             pairs.append((key, row(D.sum(1), False), None))  # ||sum_t delta_t||
     total, parts = None, {}
@@ -105,8 +108,8 @@ def _combine(S: Tensor, pairs) -> Tensor:
 
 
 def part_sq(part) -> Tensor:
-    """One parameter's (B,) squared norm from what sq_norms kept for it; (S, (k, j), None)
-    stands for the norm S[k, j] itself (per_example's stacked rows)."""
+    """One parameter's (B,) squared norm from what sq_norms kept for it; (S, index, None) with
+    a tuple index stands for the norm S[index] itself (per_example's stacked rows)."""
     t, i, j = part
     if i is None:
         return t
@@ -157,7 +160,10 @@ def _sq_norm(D: Tensor, A: Tensor, grams: dict | None = None) -> Tensor:
             gram_a = torch.bmm(A, A.transpose(1, 2)).flatten(1)  # (B, T T)
             if k is not None:
                 grams[k] = gram_a
-        return torch.linalg.vecdot(gram_a, torch.bmm(D, D.transpose(1, 2)).flatten(1))
+        gram_d = torch.bmm(D, D.transpose(1, 2)).flatten(1)  # (B, T T)
+        if grams is not None:
+            grams[_key(D)] = gram_d  # for the layer's b
+        return torch.linalg.vecdot(gram_a, gram_d)
     return _norm(torch.bmm(D.transpose(1, 2), A).flatten(1), dim=1).square_()
 
 

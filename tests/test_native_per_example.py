@@ -139,3 +139,86 @@ def test_a_native_slot_is_closed_when_the_block_ends():
     loss.backward()
     out.sum().backward()  # both after their blocks
     assert all(lib.take_slot(slot) == [None, None] for slot in slots)
+
+
+def stack_of_linears(dtype, bias, reused=False):
+    """Three mb.Linear layers (the per-layer path); reused: the middle one is called twice."""
+    torch.manual_seed(9)
+    first, middle, last = (mb.Linear(5, 6, activation="tanh", bias=bias, dtype=dtype),
+                           mb.Linear(6, 6, activation="relu", bias=bias, dtype=dtype),
+                           mb.Linear(6, 4, bias=bias, dtype=dtype))
+    body = [first, middle, middle, last] if reused else [first, middle, last]
+    return torch.nn.Sequential(*body)
+
+
+@pytest.fixture
+def finishes(monkeypatch):
+    """The arguments of every native.finish_rows call the blocks make (a spy on the module)."""
+    lib, calls = native.load(), []
+
+    class Spy:  # the extension module's attributes are read-only: stand in for it
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def finish_rows(self, *args):
+            calls.append(args)
+            return lib.finish_rows(*args)
+
+    real_lib = native.lib
+    monkeypatch.setattr(native, "lib", lambda: None if real_lib() is None else Spy())
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("path, options", [
+    (path, options) for path in ("per_layer", "node", "backprop") for options in (
+        {}, {"reduction": "sum"}, {"max_norm": 0.05}, {"max_norm": 0.05, "reduction": "sum"},
+        {"max_norm": 1e3}) if path != "backprop" or "reduction" not in options  # a mean loss
+])
+def test_the_cpp_finish_is_bit_identical_to_the_python_finish(path, options, bias, dtype,
+                                                              finishes):
+    """2-D shares, every layer with W and all or none a bias: native.finish_rows ends the block,
+    with the Python finish's norms, norms by parameter and .grad bits."""
+    if path == "per_layer":
+        model = stack_of_linears(dtype, bias)
+    else:
+        torch.manual_seed(9)
+        model = mb.MLP([5, 6, 6, 4], activation="tanh", bias=bias, dtype=dtype)
+    x, y = torch.randn(7, 5, dtype=dtype), torch.randint(0, 4, (7,))
+    reduction = options.get("reduction", "mean")
+
+    def run():
+        if path == "backprop":
+            return model.backprop(x, y)
+        loss = mb.softmax_cross_entropy(model(x), y, reduction=reduction)
+        loss.backward()
+        return loss.detach()
+
+    assert_same(*both(model, run, **options))
+    assert len(finishes) == 1  # the native block's; the paused one took the Python finish
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["reused", "frozen", "lead", "mixed-bias"])
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_blocks_the_cpp_finish_does_not_serve_take_the_python_finish(case, max_norm, dtype,
+                                                                    finishes):
+    """A reused layer, a frozen weight, (B, T, n) shares or a mix of layers with and without a
+    bias: the Python finish, bit for bit the same on both backends."""
+    model = stack_of_linears(dtype, True, reused=case == "reused")
+    if case == "frozen":
+        model[1].weight.requires_grad_(False)
+    if case == "mixed-bias":
+        model[2].bias = None
+    lead = (3,) if case == "lead" else ()
+    x, y = torch.randn(7, *lead, 5, dtype=dtype), torch.randint(0, 4, (7, *lead))
+
+    def run():
+        out = model(x)
+        loss = mb.softmax_cross_entropy(out.reshape(-1, 4), y.reshape(-1))
+        loss.backward()
+        return loss.detach()
+
+    assert_same(*both(model, run, max_norm=max_norm))
+    assert finishes == []

@@ -12,6 +12,7 @@
 namespace manualbp {
 
 void bind_losses(py::module_& m);  // losses.cpp
+void bind_per_example(py::module_& m);  // per_example.cpp
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -323,6 +324,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("open_slot", &open_slot);
   m.def("take_slot", &take_slot);
   bind_losses(m);
+  bind_per_example(m);
   m.def("backprop", &backprop, py::arg("x"), py::arg("target"), py::arg("params"),
         py::arg("activations"), py::arg("accumulate"),
         py::arg("feedback") = std::vector<OptTensor>(), py::arg("direct") = false);
