@@ -260,18 +260,17 @@ class PerExample:
         self._scale = scale = float(batch) if self.reduction == "mean" else 1.0  # g_n = scale share
         stacked = not self.grads and _stackable(calls)  # the common case
         if stacked and self._lib is not None:  # in one C++ call
-            deltas, a_prevs, rows, Ws, bs = [], [], [], [], []
-            for c in calls:
+            deltas, a_prevs, Ws, bs = [], [], [], []
+            for c in calls:  # no rows: the probes left them to this call (rows_now False)
                 deltas.append(c.delta)
                 a_prevs.append(c.a_prev)
-                rows += c.rows or (None, None)
                 Ws.append(c.W)
                 bs.append(c.b)
             for c in self._calls:  # deltas, a_prevs hold the shares alone: the C++ frees each
                 c.delta = c.a_prev = c.rows = None  # once used (it empties the two lists)
             del calls, c
-            norms, S = self._lib.finish_rows(deltas, a_prevs, rows, Ws, bs, bs[0] is not None,
-                                             scale, self.max_norm)
+            norms, S = self._lib.finish_rows(deltas, a_prevs, Ws, bs, bs[0] is not None, scale,
+                                             self.max_norm)
             self._sq = (Ws, bs, S)  # norms_by_param reads them when asked
             self._by_param, self.norms = None, norms
             return

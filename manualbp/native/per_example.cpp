@@ -59,22 +59,20 @@ void clipped(std::vector<Tensor>& deltas, std::vector<Tensor>& a_prevs,
 }  // namespace
 
 // (norms (B,), S (B, L, 2) with S[n, k] = (||delta_k,n||, ||delta_k,n|| ||a_prev_k,n||)) from each
-// covered call's delta (B, n_out) and a_prev (B, n_in); rows: per call, its two row norms when
-// the probe took them in backward, else None. scale: B for a mean loss (g_n = B * share_n).
+// covered call's delta (B, n_out) and a_prev (B, n_in) (the probes leave the row norms to this
+// call when it serves the block). scale: B for a mean loss (g_n = B * share_n).
 // max_norm: C, and then each W_k, b_k gets its clipped gradient added to .grad.
 // deltas and a_prevs are Python lists that this empties (None for each), so that each share is
 // held here alone and freed once used, as the Python finish frees its shares.
 std::tuple<Tensor, Tensor> finish_rows(py::list delta_list, py::list a_prev_list,
-                                       const std::vector<std::optional<Tensor>>& rows,
                                        const std::vector<Tensor>& Ws,
                                        const std::vector<std::optional<Tensor>>& bs, bool bias,
                                        double scale, std::optional<double> max_norm) {
   const size_t L = delta_list.size();
-  TORCH_CHECK_VALUE(L > 0 && a_prev_list.size() == L && rows.size() == 2 * L &&
-                        Ws.size() == L && bs.size() == L,
-                    "manualbp native: finish_rows expected, per call, a delta, an a_prev, two "
-                    "row norms, a W and a b; got ", L, ", ", a_prev_list.size(), ", ",
-                    rows.size(), ", ", Ws.size(), ", ", bs.size());
+  TORCH_CHECK_VALUE(L > 0 && a_prev_list.size() == L && Ws.size() == L && bs.size() == L,
+                    "manualbp native: finish_rows expected, per call, a delta, an a_prev, a W "
+                    "and a b; got ", L, ", ", a_prev_list.size(), ", ", Ws.size(), ", ",
+                    bs.size());
   std::vector<Tensor> deltas, a_prevs;
   for (size_t k = 0; k < L; ++k) {
     deltas.push_back(delta_list[k].cast<Tensor>());
@@ -85,8 +83,8 @@ std::tuple<Tensor, Tensor> finish_rows(py::list delta_list, py::list a_prev_list
   std::vector<Tensor> norms_of;  // ||delta_1,n||, ||a_1,n||, ||delta_2,n||, ...
   norms_of.reserve(2 * L);
   for (size_t k = 0; k < L; ++k) {
-    norms_of.push_back(rows[2 * k].has_value() ? *rows[2 * k] : row_norms(deltas[k]));
-    norms_of.push_back(rows[2 * k + 1].has_value() ? *rows[2 * k + 1] : row_norms(a_prevs[k]));
+    norms_of.push_back(row_norms(deltas[k]));
+    norms_of.push_back(row_norms(a_prevs[k]));
   }
   Tensor S = at::stack(norms_of, 1);  // (B, 2L)
   const int64_t B = S.size(0);
@@ -101,8 +99,8 @@ std::tuple<Tensor, Tensor> finish_rows(py::list delta_list, py::list a_prev_list
 }
 
 void bind_per_example(py::module_& m) {
-  m.def("finish_rows", &finish_rows, py::arg("deltas"), py::arg("a_prevs"), py::arg("rows"),
-        py::arg("Ws"), py::arg("bs"), py::arg("bias"), py::arg("scale"), py::arg("max_norm"));
+  m.def("finish_rows", &finish_rows, py::arg("deltas"), py::arg("a_prevs"), py::arg("Ws"),
+        py::arg("bs"), py::arg("bias"), py::arg("scale"), py::arg("max_norm"));
 }
 
 }  // namespace manualbp
