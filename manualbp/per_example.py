@@ -274,6 +274,21 @@ class PerExample:
             self._sq = (Ws, bs, S)  # norms_by_param reads them when asked
             self._by_param, self.norms = None, norms
             return
+        if self._lib is not None and not self.grads:  # any other block: in one C++ call too
+            shares = group(calls, batch)
+            for c in self._calls:  # the shares hold what is still needed; drop the rest
+                c.delta = c.a_prev = c.rows = None
+            del calls, c
+            keys = list(shares)
+            params, kinds, Ds, As = zip(*shares.values(), strict=True)
+            Ds, As = list(Ds), list(As)
+            shares = None  # Ds, As hold the shares alone: the C++ frees each once used
+            norms, S, parts = self._lib.finish_shares(list(params), [k == "W" for k in kinds],
+                                                      Ds, As, scale, self.max_norm)
+            self._sq = {key: (sq, None, None) if sq is not None else (S, i, None if j < 0 else j)
+                        for key, (sq, i, j) in zip(keys, parts, strict=True)}
+            self._by_param, self.norms = None, norms
+            return
         norms = None
         if stacked:  # a few kernels, no grouping
             norms, S = _stacked_norms(calls)

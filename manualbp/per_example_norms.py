@@ -15,10 +15,12 @@ _norm = torch.linalg.vector_norm
 
 
 def group(calls, batch):
-    """id(param) -> (param, "W" or "b", D, A or None). A parameter with one call keeps its
-    delta D (B, *, n_out) and a_prev A (B, *, n_in) as they came (D, A 2-D or (B, T, n));
-    a parameter called more than once has every call stacked along T (a reused layer adds rows
-    to each example)."""
+    """id(param) -> (param, "W" or "b", D, A or None). A W with one call keeps its delta D
+    (B, *, n_out) and a_prev A (B, *, n_in) as they came (D, A 2-D or (B, T, n)); one called
+    more than once has every call stacked along T (a reused layer adds rows to each example).
+    A b's D is 2-D, (B, n_out): a (B, T, n_out) delta summed over T, since example n's grad_b
+    is sum_t delta_t (its norm is then one row norm, exact where it is 0: a Gram-form sum of
+    D D^T would round to +-eps ||D||^2)."""
     parts: dict[int, tuple] = {}
     for c in calls:
         if c.W is not None:
@@ -36,6 +38,8 @@ def group(calls, batch):
             D = torch.cat([c.delta.reshape(batch, -1, c.delta.shape[-1]) for c in cs], 1)
             A = torch.cat([c.a_prev.reshape(batch, -1, c.a_prev.shape[-1]) for c in cs], 1) \
                 if kind == "W" else None
+        if kind == "b" and D.dim() == 3:
+            D = D.sum(1)  # (B, n_out)
         out[key] = (p, kind, D, A if kind == "W" else None)
     return out
 
@@ -57,7 +61,6 @@ def sq_norms(shares, known=None) -> tuple[Tensor, dict]:
     pairs: list[tuple] = []  # (param key, i, j or None)
     sqs: dict[int, Tensor] = {}  # param key -> (B,) squared norm of a (B, T, n) share
     grams: dict[tuple, Tensor] = {}  # _key(A) -> A A^T, shared by layers fed the same input
-    # (and _key(D) -> D D^T: a layer's b reads its W's, ||sum_t delta_t||^2 = sum of D D^T)
 
     def row(t: Tensor, shared: bool = True) -> int:  # shared: t is held by shares meanwhile
         k = _key(t) if shared else None
@@ -73,12 +76,8 @@ def sq_norms(shares, known=None) -> tuple[Tensor, dict]:
     for key, (_, kind, D, A) in shares.items():
         if D.dim() == 2:
             pairs.append((key, row(D), row(A) if kind == "W" else None))
-        elif kind == "W":
+        else:  # a (B, T, n) W (group has summed a b's D over T)
             sqs[key] = _sq_norm(D, A, grams)
-        elif _key(D) in grams:  # its W took the Gram form: (B, T T) already, not (B, T, n_out)
-            sqs[key] = grams[_key(D)].sum(1)
-        else:
-            pairs.append((key, row(D.sum(1), False), None))  # ||sum_t delta_t||
     total, parts = None, {}
     if norms:
         S = torch.stack(norms).square_()  # (rows, B)
@@ -87,6 +86,8 @@ def sq_norms(shares, known=None) -> tuple[Tensor, dict]:
     for key, sq in sqs.items():
         parts[key] = (sq, None, None)
         total = sq.clone() if total is None else total.add_(sq)
+    if sqs:  # rounding can take a Gram-form sum below 0 where the gradient is ~0
+        total.clamp_(min=0.0)
     return total, parts
 
 
@@ -100,10 +101,15 @@ def _combine(S: Tensor, pairs) -> Tensor:
         return S[1::2].add(1.0).mul_(S[0::2]).sum(0)  # sum_k ||d_k||^2 (||a_k||^2 + 1)
     if len(pairs) == L and all(p[1:] == (2 * k, 2 * k + 1) for k, p in enumerate(pairs)):
         return S[1::2].mul(S[0::2]).sum(0)  # no biases
+    pair = [(i, j) for _, i, j in pairs if j is not None]  # any other mix, in a few kernels
+    single = [i for _, i, j in pairs if j is None]
     total = None
-    for _, i, j in pairs:
-        t = S[i] if j is None else S[i] * S[j]
-        total = t.clone() if total is None else total.add_(t)
+    if pair:
+        i, j = (torch.tensor(v, device=S.device) for v in zip(*pair, strict=True))
+        total = S.index_select(0, i).mul_(S.index_select(0, j)).sum(0)
+    if single:
+        t = S.index_select(0, torch.tensor(single, device=S.device)).sum(0)
+        total = t if total is None else total.add_(t)
     return total
 
 
@@ -112,7 +118,7 @@ def part_sq(part) -> Tensor:
     a tuple index stands for the norm S[index] itself (per_example's stacked rows)."""
     t, i, j = part
     if i is None:
-        return t
+        return t.clamp(min=0.0)  # a Gram-form sum: see sq_norms
     if isinstance(i, tuple):
         return t[i].square()
     return t[i] if j is None else t[i] * t[j]
@@ -124,7 +130,6 @@ def clipped(shares, norms: Tensor, max_norm: float, ddp: bool) -> None:
     delta and a_prev: the same sum). Last layer first, each share freed once used, so the
     widest gradients are formed with the least held."""
     c = (max_norm / (norms + _EPS)).clamp_(max=1.0)
-    weighted: dict[int, tuple] = {}  # id(delta) -> (delta, c * delta), for a (B, T, n) b and W
     for key in reversed(list(shares)):
         p, kind, D, A = shares.pop(key)
         cd = c.to(D.dtype)
@@ -135,21 +140,18 @@ def clipped(shares, norms: Tensor, max_norm: float, ddp: bool) -> None:
                 g = (D * cd[:, None]).t().mm(A)
             else:
                 g = D.t().mm(A * cd[:, None])
+        elif D.shape[2] <= A.shape[2]:  # a (B, T, n) W (a b's D is 2-D: see group)
+            g = (D * cd[:, None, None]).reshape(-1, D.shape[2]).t().mm(
+                A.reshape(-1, A.shape[2]))  # (B T, n_out)^T (B T, n_in)
         else:
-            _, rows = weighted.pop(id(D), (None, None))
-            if rows is None:
-                rows = (D * cd[:, None, None]).reshape(-1, D.shape[-1])  # (B T, n_out)
-                if kind == "b":  # its W comes next; D held so that its id stays its own
-                    weighted[id(D)] = (D, rows)
-            g = rows.t().mm(A.reshape(-1, A.shape[-1])) if kind == "W" else rows.sum(0)
-            del rows
+            g = D.reshape(-1, D.shape[2]).t().mm((A * cd[:, None, None]).reshape(-1, A.shape[2]))
         del D, A
         accumulate(p, g, ddp)
 
 
 def _sq_norm(D: Tensor, A: Tensor, grams: dict | None = None) -> Tensor:
     """||D_n^T A_n||_F^2 per example, D (B, T, n_out), A (B, T, n_in), by the cheaper form.
-    grams: a cache of A A^T for the Gram form, keyed by _key(A)."""
+    grams: a cache of A A^T for the Gram form, keyed by _key(A) (q, k, v read one input)."""
     T, n_out, n_in = D.shape[1], D.shape[2], A.shape[2]
     if T == 1:
         return D.square().sum((1, 2)) * A.square().sum((1, 2))
@@ -161,8 +163,6 @@ def _sq_norm(D: Tensor, A: Tensor, grams: dict | None = None) -> Tensor:
             if k is not None:
                 grams[k] = gram_a
         gram_d = torch.bmm(D, D.transpose(1, 2)).flatten(1)  # (B, T T)
-        if grams is not None:
-            grams[_key(D)] = gram_d  # for the layer's b
         return torch.linalg.vecdot(gram_a, gram_d)
     return _norm(torch.bmm(D.transpose(1, 2), A).flatten(1), dim=1).square_()
 
