@@ -15,12 +15,10 @@ _norm = torch.linalg.vector_norm
 
 
 def group(calls, batch):
-    """id(param) -> (param, "W" or "b", D, A or None). A W with one call keeps its delta D
-    (B, *, n_out) and a_prev A (B, *, n_in) as they came (D, A 2-D or (B, T, n)); one called
-    more than once has every call stacked along T (a reused layer adds rows to each example).
-    A b's D is 2-D, (B, n_out): a (B, T, n_out) delta summed over T, since example n's grad_b
-    is sum_t delta_t (its norm is then one row norm, exact where it is 0: a Gram-form sum of
-    D D^T would round to +-eps ||D||^2)."""
+    """id(param) -> (param, "W" or "b", D, A or None). A parameter with one call keeps its
+    delta D (B, *, n_out) and a_prev A (B, *, n_in) as they came (D, A 2-D or (B, T, n));
+    a parameter called more than once has every call stacked along T (a reused layer adds rows
+    to each example)."""
     parts: dict[int, tuple] = {}
     for c in calls:
         if c.W is not None:
@@ -38,8 +36,6 @@ def group(calls, batch):
             D = torch.cat([c.delta.reshape(batch, -1, c.delta.shape[-1]) for c in cs], 1)
             A = torch.cat([c.a_prev.reshape(batch, -1, c.a_prev.shape[-1]) for c in cs], 1) \
                 if kind == "W" else None
-        if kind == "b" and D.dim() == 3:
-            D = D.sum(1)  # (B, n_out)
         out[key] = (p, kind, D, A if kind == "W" else None)
     return out
 
@@ -76,8 +72,10 @@ def sq_norms(shares, known=None) -> tuple[Tensor, dict]:
     for key, (_, kind, D, A) in shares.items():
         if D.dim() == 2:
             pairs.append((key, row(D), row(A) if kind == "W" else None))
-        else:  # a (B, T, n) W (group has summed a b's D over T)
+        elif kind == "W":
             sqs[key] = _sq_norm(D, A, grams)
+        else:  # ||sum_t delta_t||, next to its W's use of D (while D is in cache), exact where
+            pairs.append((key, row(D.sum(1), False), None))  # it is 0 (not a sum of D D^T)
     total, parts = None, {}
     if norms:
         S = torch.stack(norms).square_()  # (rows, B)
@@ -140,7 +138,9 @@ def clipped(shares, norms: Tensor, max_norm: float, ddp: bool) -> None:
                 g = (D * cd[:, None]).t().mm(A)
             else:
                 g = D.t().mm(A * cd[:, None])
-        elif D.shape[2] <= A.shape[2]:  # a (B, T, n) W (a b's D is 2-D: see group)
+        elif kind == "b":  # (B, T, n): sum_n c_n sum_t delta_t
+            g = D.sum(1).t().mv(cd)
+        elif D.shape[2] <= A.shape[2]:  # a (B, T, n) W
             g = (D * cd[:, None, None]).reshape(-1, D.shape[2]).t().mm(
                 A.reshape(-1, A.shape[2]))  # (B T, n_out)^T (B T, n_in)
         else:

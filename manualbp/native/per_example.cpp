@@ -217,11 +217,12 @@ std::tuple<Tensor, Tensor, std::vector<Part>> sq_norms(const std::vector<Share>&
       parts[s].i = row(D, true);
       if (share.is_W) parts[s].j = row(share.A, true);
       paired.push_back(s);
-    } else {  // a (B, T, n) W (group has summed a b's D over T)
-      TORCH_CHECK_VALUE(share.is_W && D.dim() == 3, "manualbp native: finish_shares expected "
-                        "a b's D 2-D and a W's 2-D or 3-D, got ", D.sizes());
+    } else if (share.is_W) {
       parts[s].sq = sq_norm(D, share.A, grams);
       squared.push_back(s);
+    } else {  // ||sum_t delta_t||, next to its W's use of D
+      parts[s].i = row(D.sum(1), false);
+      paired.push_back(s);
     }
   }
   Tensor total, S;
@@ -256,6 +257,8 @@ void clipped(std::vector<Share>& shares, const Tensor& norms, double max_norm) {
       } else {
         g = D.t().mm(A.mul(cd.unsqueeze(1)));
       }
+    } else if (!share.is_W) {  // (B, T, n): sum_n c_n sum_t delta_t
+      g = D.sum(1).t().mv(cd);
     } else if (D.size(2) <= A.size(2)) {  // a (B, T, n) W
       g = D.mul(cd.view({-1, 1, 1})).reshape({-1, D.size(2)}).t().mm(A.reshape({-1, A.size(2)}));
     } else {
