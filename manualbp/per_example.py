@@ -180,8 +180,8 @@ class PerExample:
         self._sq: dict[int, tuple] | None = None
         self._by_param: dict[str, Tensor] | None = None
         self._scale = 1.0
-        # the C++ finish (native.finish_rows) for the common case, where it can run: it takes
-        # the row norms itself, so the probes need not (a traced step keeps to Python)
+        # the C++ finish (_native_finish) where it can run: it takes the row norms itself, so
+        # the probes need not (grads=True, DDP and a traced step keep to the Python finish)
         self._lib = None if self.grads or self._ddp or tracing() else native.lib()
 
     # -- what the layers call while the block is open --------------------------------------
@@ -259,20 +259,8 @@ class PerExample:
                 f"{got}; one batch per block")
         self._scale = scale = float(batch) if self.reduction == "mean" else 1.0  # g_n = scale share
         stacked = not self.grads and _stackable(calls)  # the common case
-        if stacked and self._lib is not None:  # in one C++ call
-            deltas, a_prevs, Ws, bs = [], [], [], []
-            for c in calls:  # no rows: the probes left them to this call (rows_now False)
-                deltas.append(c.delta)
-                a_prevs.append(c.a_prev)
-                Ws.append(c.W)
-                bs.append(c.b)
-            for c in self._calls:  # deltas, a_prevs hold the shares alone: the C++ frees each
-                c.delta = c.a_prev = c.rows = None  # once used (it empties the two lists)
-            del calls, c
-            norms, S = self._lib.finish_rows(deltas, a_prevs, Ws, bs, bs[0] is not None, scale,
-                                             self.max_norm)
-            self._sq = (Ws, bs, S)  # norms_by_param reads them when asked
-            self._by_param, self.norms = None, norms
+        if self._lib is not None:  # in one C++ call
+            self._native_finish(calls, batch, scale, stacked)
             return
         norms = None
         if stacked:  # a few kernels, no grouping
@@ -301,6 +289,32 @@ class PerExample:
                 p.grad_sample = g * self._scale  # (B, *p.shape): example n's own gradient
         if self.clip:
             _clipped(shares, self.norms, self.max_norm, self._ddp)
+
+    def _native_finish(self, calls, batch: int, scale: float, stacked: bool) -> None:
+        """The finish in one C++ call, bit-identical to the Python one: native.finish_rows for
+        stacked rows (_stacked_norms, clipped), else native.finish_shares (group, then sq_norms
+        and clipped). The lists handed over hold the shares alone (every call's are dropped
+        first); the C++ empties them, freeing each share once used."""
+        if stacked:  # no rows: the probes left them to this call (rows_now False)
+            deltas, a_prevs = [c.delta for c in calls], [c.a_prev for c in calls]
+            Ws, bs = [c.W for c in calls], [c.b for c in calls]
+        else:
+            shares = group(calls, batch)
+            keys = list(shares)
+            params, kinds, Ds, As = (list(v) for v in zip(*shares.values(), strict=True))
+            del shares
+        for c in self._calls:
+            c.delta = c.a_prev = c.rows = None
+        self._by_param = None
+        if stacked:
+            self.norms, S = self._lib.finish_rows(deltas, a_prevs, Ws, bs, bs[0] is not None,
+                                                  scale, self.max_norm)
+            self._sq = (Ws, bs, S)  # norms_by_param reads them when asked
+            return
+        self.norms, S, parts = self._lib.finish_shares(params, [k == "W" for k in kinds], Ds,
+                                                       As, scale, self.max_norm)
+        self._sq = {key: (sq, None, None) if sq is not None else (S, i, None if j < 0 else j)
+                    for key, (sq, i, j) in zip(keys, parts, strict=True)}
 
     @property
     def norms_by_param(self) -> dict[str, Tensor]:

@@ -57,7 +57,6 @@ def sq_norms(shares, known=None) -> tuple[Tensor, dict]:
     pairs: list[tuple] = []  # (param key, i, j or None)
     sqs: dict[int, Tensor] = {}  # param key -> (B,) squared norm of a (B, T, n) share
     grams: dict[tuple, Tensor] = {}  # _key(A) -> A A^T, shared by layers fed the same input
-    # (and _key(D) -> D D^T: a layer's b reads its W's, ||sum_t delta_t||^2 = sum of D D^T)
 
     def row(t: Tensor, shared: bool = True) -> int:  # shared: t is held by shares meanwhile
         k = _key(t) if shared else None
@@ -75,10 +74,8 @@ def sq_norms(shares, known=None) -> tuple[Tensor, dict]:
             pairs.append((key, row(D), row(A) if kind == "W" else None))
         elif kind == "W":
             sqs[key] = _sq_norm(D, A, grams)
-        elif _key(D) in grams:  # its W took the Gram form: (B, T T) already, not (B, T, n_out)
-            sqs[key] = grams[_key(D)].sum(1)
-        else:
-            pairs.append((key, row(D.sum(1), False), None))  # ||sum_t delta_t||
+        else:  # ||sum_t delta_t||, next to its W's use of D (while D is in cache), exact where
+            pairs.append((key, row(D.sum(1), False), None))  # it is 0 (not a sum of D D^T)
     total, parts = None, {}
     if norms:
         S = torch.stack(norms).square_()  # (rows, B)
@@ -87,6 +84,8 @@ def sq_norms(shares, known=None) -> tuple[Tensor, dict]:
     for key, sq in sqs.items():
         parts[key] = (sq, None, None)
         total = sq.clone() if total is None else total.add_(sq)
+    if sqs:  # rounding can take a Gram-form sum below 0 where the gradient is ~0
+        total.clamp_(min=0.0)
     return total, parts
 
 
@@ -100,10 +99,15 @@ def _combine(S: Tensor, pairs) -> Tensor:
         return S[1::2].add(1.0).mul_(S[0::2]).sum(0)  # sum_k ||d_k||^2 (||a_k||^2 + 1)
     if len(pairs) == L and all(p[1:] == (2 * k, 2 * k + 1) for k, p in enumerate(pairs)):
         return S[1::2].mul(S[0::2]).sum(0)  # no biases
+    pair = [(i, j) for _, i, j in pairs if j is not None]  # any other mix, in a few kernels
+    single = [i for _, i, j in pairs if j is None]
     total = None
-    for _, i, j in pairs:
-        t = S[i] if j is None else S[i] * S[j]
-        total = t.clone() if total is None else total.add_(t)
+    if pair:
+        i, j = (torch.tensor(v, device=S.device) for v in zip(*pair, strict=True))
+        total = S.index_select(0, i).mul_(S.index_select(0, j)).sum(0)
+    if single:
+        t = S.index_select(0, torch.tensor(single, device=S.device)).sum(0)
+        total = t if total is None else total.add_(t)
     return total
 
 
@@ -112,7 +116,7 @@ def part_sq(part) -> Tensor:
     a tuple index stands for the norm S[index] itself (per_example's stacked rows)."""
     t, i, j = part
     if i is None:
-        return t
+        return t.clamp(min=0.0)  # a Gram-form sum: see sq_norms
     if isinstance(i, tuple):
         return t[i].square()
     return t[i] if j is None else t[i] * t[j]
@@ -124,7 +128,6 @@ def clipped(shares, norms: Tensor, max_norm: float, ddp: bool) -> None:
     delta and a_prev: the same sum). Last layer first, each share freed once used, so the
     widest gradients are formed with the least held."""
     c = (max_norm / (norms + _EPS)).clamp_(max=1.0)
-    weighted: dict[int, tuple] = {}  # id(delta) -> (delta, c * delta), for a (B, T, n) b and W
     for key in reversed(list(shares)):
         p, kind, D, A = shares.pop(key)
         cd = c.to(D.dtype)
@@ -135,21 +138,20 @@ def clipped(shares, norms: Tensor, max_norm: float, ddp: bool) -> None:
                 g = (D * cd[:, None]).t().mm(A)
             else:
                 g = D.t().mm(A * cd[:, None])
+        elif kind == "b":  # (B, T, n): sum_n c_n sum_t delta_t
+            g = D.sum(1).t().mv(cd)
+        elif D.shape[2] <= A.shape[2]:  # a (B, T, n) W
+            g = (D * cd[:, None, None]).reshape(-1, D.shape[2]).t().mm(
+                A.reshape(-1, A.shape[2]))  # (B T, n_out)^T (B T, n_in)
         else:
-            _, rows = weighted.pop(id(D), (None, None))
-            if rows is None:
-                rows = (D * cd[:, None, None]).reshape(-1, D.shape[-1])  # (B T, n_out)
-                if kind == "b":  # its W comes next; D held so that its id stays its own
-                    weighted[id(D)] = (D, rows)
-            g = rows.t().mm(A.reshape(-1, A.shape[-1])) if kind == "W" else rows.sum(0)
-            del rows
+            g = D.reshape(-1, D.shape[2]).t().mm((A * cd[:, None, None]).reshape(-1, A.shape[2]))
         del D, A
         accumulate(p, g, ddp)
 
 
 def _sq_norm(D: Tensor, A: Tensor, grams: dict | None = None) -> Tensor:
     """||D_n^T A_n||_F^2 per example, D (B, T, n_out), A (B, T, n_in), by the cheaper form.
-    grams: a cache of A A^T for the Gram form, keyed by _key(A)."""
+    grams: a cache of A A^T for the Gram form, keyed by _key(A) (q, k, v read one input)."""
     T, n_out, n_in = D.shape[1], D.shape[2], A.shape[2]
     if T == 1:
         return D.square().sum((1, 2)) * A.square().sum((1, 2))
@@ -161,8 +163,6 @@ def _sq_norm(D: Tensor, A: Tensor, grams: dict | None = None) -> Tensor:
             if k is not None:
                 grams[k] = gram_a
         gram_d = torch.bmm(D, D.transpose(1, 2)).flatten(1)  # (B, T T)
-        if grams is not None:
-            grams[_key(D)] = gram_d  # for the layer's b
         return torch.linalg.vecdot(gram_a, gram_d)
     return _norm(torch.bmm(D.transpose(1, 2), A).flatten(1), dim=1).square_()
 

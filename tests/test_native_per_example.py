@@ -10,6 +10,7 @@ both backends against torch.func's vmap(grad) in float64.
 import pytest
 import torch
 from test_native import assert_equal
+from test_per_example import Attention, mb_linear
 
 import manualbp as mb
 from manualbp import native
@@ -153,7 +154,8 @@ def stack_of_linears(dtype, bias, reused=False):
 
 @pytest.fixture
 def finishes(monkeypatch):
-    """The arguments of every native.finish_rows call the blocks make (a spy on the module)."""
+    """The name of every native finish (finish_rows, finish_shares) the blocks call, with its
+    arguments (a spy on the module)."""
     lib, calls = native.load(), []
 
     class Spy:  # the extension module's attributes are read-only: stand in for it
@@ -161,8 +163,12 @@ def finishes(monkeypatch):
             return getattr(lib, name)
 
         def finish_rows(self, *args):
-            calls.append(args)
+            calls.append(("finish_rows", args))
             return lib.finish_rows(*args)
+
+        def finish_shares(self, *args):
+            calls.append(("finish_shares", args))
+            return lib.finish_shares(*args)
 
     real_lib = native.lib
     monkeypatch.setattr(native, "lib", lambda: None if real_lib() is None else Spy())
@@ -196,16 +202,15 @@ def test_the_cpp_finish_is_bit_identical_to_the_python_finish(path, options, bia
         return loss.detach()
 
     assert_same(*both(model, run, **options))
-    assert len(finishes) == 1  # the native block's; the paused one took the Python finish
+    assert [name for name, _ in finishes] == ["finish_rows"]  # the paused block: Python's
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", ["reused", "frozen", "lead", "mixed-bias"])
 @pytest.mark.parametrize("max_norm", [None, 0.05])
-def test_blocks_the_cpp_finish_does_not_serve_take_the_python_finish(case, max_norm, dtype,
-                                                                    finishes):
+def test_other_blocks_end_in_the_cpp_finish_of_shares(case, max_norm, dtype, finishes):
     """A reused layer, a frozen weight, (B, T, n) shares or a mix of layers with and without a
-    bias: the Python finish, bit for bit the same on both backends."""
+    bias: native.finish_shares, bit for bit the Python finish (sq_norms, clipped)."""
     model = stack_of_linears(dtype, True, reused=case == "reused")
     if case == "frozen":
         model[1].weight.requires_grad_(False)
@@ -221,4 +226,28 @@ def test_blocks_the_cpp_finish_does_not_serve_take_the_python_finish(case, max_n
         return loss.detach()
 
     assert_same(*both(model, run, max_norm=max_norm))
-    assert finishes == []
+    assert [name for name, _ in finishes] == ["finish_shares"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("T, d", [(4, 12), (1, 6), (9, 6)], ids=["gram", "T1", "outer"])
+@pytest.mark.parametrize("options", [
+    {}, {"reduction": "sum"}, {"max_norm": 0.05}, {"max_norm": 1e3}, {"grads": True},
+], ids=["norms", "norms-sum", "clip", "clip-loose", "grads"])
+def test_a_transformer_block_is_bit_identical(options, T, d, bias, dtype, finishes):
+    """(B, T, n) shares in the Gram form (q, k, v reading one input), the outer form or T = 1,
+    beside a 2-D head: finish_shares (grads=True: the Python finish on both)."""
+    torch.manual_seed(11)
+    model = Attention(d, bias, mb_linear(dtype))
+    x, y = torch.randn(5, T, d, dtype=dtype), torch.randint(0, 3, (5,))
+    g = torch.randn(3, 5, dtype=dtype).t()  # non-contiguous, signed
+
+    def run():
+        out = model(x)
+        loss = mb.softmax_cross_entropy(out, y, reduction=options.get("reduction", "mean"))
+        (loss + (out * g).sum()).backward()
+        return loss.detach()
+
+    assert_same(*both(model, run, **options))
+    assert [name for name, _ in finishes] == ([] if "grads" in options else ["finish_shares"])

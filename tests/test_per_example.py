@@ -225,6 +225,56 @@ def test_reused_layer_and_grad_sample(lead, grads):
         torch.testing.assert_close(p.grad, want, **TOL)
 
 
+class Attention(nn.Module):
+    """q, k, v read one input (B, T, d), so they share its Gram; o, a wider GELU layer and its way
+    back, and a 2-D head after a mean over T (benchmarks/per_example.py's block, small).
+    linear(n_in, n_out, bias, activation): mb.Linear, or nn.Linear with the activation after."""
+
+    def __init__(self, d, bias, linear):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (linear(d, d, bias, "identity") for _ in range(4))
+        self.up = linear(d, 3 * d, True, "gelu")
+        self.down = linear(3 * d, d, bias, "identity")
+        self.head = linear(d, 3, True, "identity")
+
+    def forward(self, x):
+        h = F.layer_norm(x, x.shape[-1:])
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        att = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, -1) @ v
+        x = x + self.o(att)
+        x = x + self.down(self.up(x))
+        return self.head(x.mean(-2))
+
+
+def mb_linear(dtype):
+    return lambda i, o, bias, act: mb.Linear(i, o, bias=bias, activation=act, dtype=dtype)
+
+
+def nn_linear(i, o, bias, act):
+    layer = nn.Linear(i, o, bias=bias, dtype=torch.float64)
+    return layer if act == "identity" else nn.Sequential(layer, nn.GELU())
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("T, d", [(4, 12), (1, 6), (9, 6)], ids=["gram", "T1", "outer"])
+def test_a_transformer_block_matches_vmap_grad(T, d, bias, max_norm):
+    """(B, T, n) shares: q, k, v share their input's Gram (k's bias has gradient 0: its norm
+    must be 0, not the root of a sum rounded below 0), beside the outer form, T = 1, a 2-D head."""
+    torch.manual_seed(12)
+    model = Attention(d, bias, mb_linear(torch.float64))
+    twin = Attention(d, bias, nn_linear)
+    twin.load_state_dict(_twin_state(model, twin))
+    x, G = torch.randn(6, T, d, dtype=torch.float64), noncontiguous_randn((6, 3))
+    check(model, lambda m: weighted("mean")(m(x), G).backward(), twin, x, G,
+          lambda out, G_n: (out * G_n).sum(), "mean", max_norm)
+
+
+def _twin_state(model, twin):
+    """model's state dict under twin's names (twin's GELU layer is a Sequential)."""
+    return dict(zip(twin.state_dict(), model.state_dict().values(), strict=True))
+
+
 def test_gram_and_outer_forms_agree():
     from manualbp.per_example_norms import _sq_norm
 

@@ -1,13 +1,20 @@
-// The end of a per_example block in one call, for its common case: manualbp/per_example.py's
-// _stacked_norms and per_example_norms.clipped line for line, same kernels in the same order, so
-// norms and every .grad are bit-identical to the Python finish (which stays the reference and
-// serves every other case: (B, T, n) shares, a reused or frozen layer, grads=True, DDP).
+// The end of a per_example block in one call: the Python finish line for line, same kernels in
+// the same order, so norms and every .grad are bit-identical to it (the Python finish stays the
+// reference and serves grads=True, DDP and a traced step).
+//
+// finish_rows, the common case (2-D shares, one call per layer, every layer with W, all or none
+// a bias): manualbp/per_example.py's _stacked_norms and per_example_norms.clipped,
 //
 //   ||g_n||^2 = sum_k ||delta_k,n||^2 (||a_prev_k,n||^2 + 1)      (the + 1 where layers have b)
 //   c_n       = min(1, C / (||g_n|| + 1e-6))
 //   grad_W_k  = (c * delta_k)^T a_prev_k,   grad_b_k = delta_k^T c        (last layer first)
+//
+// finish_shares, every other block: per_example_norms.sq_norms and clipped on the shares that
+// per_example_norms.group made ((B, T, n) shares in the Gram or outer form, reused and frozen
+// layers, any mix of biases).
 #include <torch/csrc/utils/pybind.h>
 
+#include <map>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -98,9 +105,211 @@ std::tuple<Tensor, Tensor> finish_rows(py::list delta_list, py::list a_prev_list
   return {norms, S};
 }
 
+namespace {
+
+// per_example_norms.group's share of one parameter: delta D (B, n_out) or (B, T, n_out), and
+// a_prev A like it for a W (undefined for a b).
+struct Share {
+  Tensor p;
+  bool is_W;
+  Tensor D, A;
+};
+
+// per_example_norms._key: which values t holds (data_ptr, dtype, shape, strides).
+using Key = std::vector<int64_t>;
+
+Key key_of(const Tensor& t) {
+  Key k{reinterpret_cast<int64_t>(t.data_ptr()), static_cast<int64_t>(t.scalar_type()), t.dim()};
+  for (int64_t s : t.sizes()) k.push_back(s);
+  for (int64_t s : t.strides()) k.push_back(s);
+  return k;
+}
+
+// One parameter's part of the squared norm, as sq_norms keeps it for norms_by_param:
+// S[i] * S[j] (j = -1: S[i] alone), or sq (B,) itself (i = -1).
+struct Part {
+  Tensor sq;
+  int64_t i = -1, j = -1;
+};
+
+// per_example_norms._sq_norm: ||D_n^T A_n||_F^2 per example, by the cheaper form.
+Tensor sq_norm(const Tensor& D, const Tensor& A, std::map<Key, Tensor>& grams) {
+  const int64_t T = D.size(1), n_out = D.size(2), n_in = A.size(2);
+  if (T == 1) return D.square().sum({1, 2}) * A.square().sum({1, 2});
+  if (T * (n_in + n_out) <= n_in * n_out) {  // Gram: sum_{t,s} (a_t . a_s)(delta_t . delta_s)
+    Key k = key_of(A);
+    auto it = grams.find(k);
+    Tensor gram_a;
+    if (it == grams.end()) {
+      gram_a = at::bmm(A, A.transpose(1, 2)).flatten(1);  // (B, T T)
+      grams[k] = gram_a;
+    } else {
+      gram_a = it->second;
+    }
+    Tensor gram_d = at::bmm(D, D.transpose(1, 2)).flatten(1);  // (B, T T)
+    return at::linalg_vecdot(gram_a, gram_d, -1);
+  }
+  return row_norms(at::bmm(D.transpose(1, 2), A).flatten(1)).square_();
+}
+
+// per_example_norms._combine: sum over pairs of S[i] * S[j] (or S[i]).
+Tensor combine(const Tensor& S, const std::vector<Part>& pairs) {
+  const int64_t L = S.size(0) / 2;
+  const auto n = static_cast<int64_t>(pairs.size());
+  bool mlp = n == 2 * L;  // layer k's W and b are rows 2k (delta) and 2k + 1 (a_prev)
+  for (int64_t k = 0; mlp && k < L; ++k) {
+    mlp = pairs[2 * k].i == 2 * k && pairs[2 * k].j == 2 * k + 1 && pairs[2 * k + 1].i == 2 * k &&
+          pairs[2 * k + 1].j == -1;
+  }
+  if (mlp) {
+    return S.slice(0, 1, std::nullopt, 2).add(1.0).mul_(S.slice(0, 0, std::nullopt, 2)).sum(0);
+  }
+  bool no_bias = n == L;
+  for (int64_t k = 0; no_bias && k < L; ++k) {
+    no_bias = pairs[k].i == 2 * k && pairs[k].j == 2 * k + 1;
+  }
+  if (no_bias) return S.slice(0, 1, std::nullopt, 2).mul(S.slice(0, 0, std::nullopt, 2)).sum(0);
+  std::vector<int64_t> i, j, single;  // any other mix, in a few kernels
+  for (const Part& pair : pairs) {
+    if (pair.j < 0) {
+      single.push_back(pair.i);
+    } else {
+      i.push_back(pair.i);
+      j.push_back(pair.j);
+    }
+  }
+  auto rows = [&S](const std::vector<int64_t>& index) {
+    return S.index_select(0, at::tensor(index, at::kLong).to(S.device()));
+  };
+  Tensor total;
+  if (!i.empty()) total = rows(i).mul_(rows(j)).sum(0);
+  if (!single.empty()) {
+    Tensor t = rows(single).sum(0);
+    total = total.defined() ? total.add_(t) : t;
+  }
+  return total;
+}
+
+// per_example_norms.sq_norms (no row norms known): (total (B,), S (rows, B) or undefined, each
+// share's Part).
+std::tuple<Tensor, Tensor, std::vector<Part>> sq_norms(const std::vector<Share>& shares) {
+  std::map<Key, int64_t> rows;  // key_of(t) -> index of ||t_n|| in the stack
+  std::vector<Tensor> norms;  // ||t_n||, t a 2-D delta or a_prev (or a bias's sum over T)
+  std::vector<Part> parts(shares.size());
+  std::vector<size_t> paired, squared;  // shares whose part is a pair of rows, a (B,) sq
+  std::map<Key, Tensor> grams;  // key_of(A) -> A A^T, shared by layers fed the same input
+  auto row = [&](const Tensor& t, bool shared) -> int64_t {
+    Key k;
+    if (shared) {
+      k = key_of(t);
+      auto it = rows.find(k);
+      if (it != rows.end()) return it->second;
+    }
+    const auto i = static_cast<int64_t>(norms.size());
+    norms.push_back(row_norms(t));
+    if (shared) rows[k] = i;
+    return i;
+  };
+  for (size_t s = 0; s < shares.size(); ++s) {
+    const Share& share = shares[s];
+    const Tensor& D = share.D;
+    if (D.dim() == 2) {
+      parts[s].i = row(D, true);
+      if (share.is_W) parts[s].j = row(share.A, true);
+      paired.push_back(s);
+    } else if (share.is_W) {
+      parts[s].sq = sq_norm(D, share.A, grams);
+      squared.push_back(s);
+    } else {  // ||sum_t delta_t||, next to its W's use of D
+      parts[s].i = row(D.sum(1), false);
+      paired.push_back(s);
+    }
+  }
+  Tensor total, S;
+  if (!norms.empty()) {
+    S = at::stack(norms).square_();  // (rows, B)
+    std::vector<Part> pairs;
+    for (size_t s : paired) pairs.push_back(parts[s]);
+    total = combine(S, pairs);
+  }
+  for (size_t s : squared) {
+    total = total.defined() ? total.add_(parts[s].sq) : parts[s].sq.clone();
+  }
+  if (!squared.empty()) total.clamp_(0.0);  // a Gram-form sum rounded below 0
+  return {total, S, parts};
+}
+
+// per_example_norms.clipped: each share re-weighted by c before the one GEMM the backward
+// skipped, last share first, each freed once used.
+void clipped(std::vector<Share>& shares, const Tensor& norms, double max_norm) {
+  Tensor c = at::reciprocal(at::add(norms, kEps)).mul(max_norm);
+  c.clamp_(std::nullopt, 1.0);
+  for (size_t s = shares.size(); s-- > 0;) {
+    Share share = std::move(shares[s]);
+    Tensor D = std::move(share.D), A = std::move(share.A);
+    Tensor cd = c.to(D.scalar_type());
+    Tensor g;
+    if (D.dim() == 2) {
+      if (!share.is_W) {
+        g = D.t().mv(cd);  // sum_n c_n delta_n
+      } else if (D.size(1) <= A.size(1)) {
+        g = D.mul(cd.unsqueeze(1)).t().mm(A);
+      } else {
+        g = D.t().mm(A.mul(cd.unsqueeze(1)));
+      }
+    } else if (!share.is_W) {  // (B, T, n): sum_n c_n sum_t delta_t
+      g = D.sum(1).t().mv(cd);
+    } else if (D.size(2) <= A.size(2)) {  // a (B, T, n) W
+      g = D.mul(cd.view({-1, 1, 1})).reshape({-1, D.size(2)}).t().mm(A.reshape({-1, A.size(2)}));
+    } else {
+      g = D.reshape({-1, D.size(2)}).t().mm(A.mul(cd.view({-1, 1, 1})).reshape({-1, A.size(2)}));
+    }
+    D.reset();
+    A.reset();
+    accumulate(share.p, std::move(g));
+  }
+}
+
+}  // namespace
+
+// (norms (B,), S (rows, B) or None, parts) for the shares per_example_norms.group made, given
+// as lists of the parameter, whether it is a W, its D and its A (None for a b). parts: per
+// share (sq or None, i, j) with what sq_norms keeps for norms_by_param ((S, i, j) where sq is
+// None, j = -1 for none). scale, max_norm: as finish_rows. Ds and As are emptied (None for
+// each), so that each share is held here alone and freed once used.
+std::tuple<Tensor, std::optional<Tensor>, std::vector<std::tuple<std::optional<Tensor>, int64_t,
+                                                                 int64_t>>>
+finish_shares(const std::vector<Tensor>& params, const std::vector<bool>& is_W, py::list D_list,
+              py::list A_list, double scale, std::optional<double> max_norm) {
+  const size_t n = params.size();
+  TORCH_CHECK_VALUE(n > 0 && is_W.size() == n && D_list.size() == n && A_list.size() == n,
+                    "manualbp native: finish_shares expected, per share, a parameter, a kind, a "
+                    "D and an A; got ", n, ", ", is_W.size(), ", ", D_list.size(), ", ",
+                    A_list.size());
+  std::vector<Share> shares;
+  for (size_t s = 0; s < n; ++s) {
+    Tensor A = A_list[s].is_none() ? Tensor() : A_list[s].cast<Tensor>();
+    shares.push_back(Share{params[s], is_W[s], D_list[s].cast<Tensor>(), A});
+    D_list[s] = py::none();
+    A_list[s] = py::none();
+  }
+  auto [total, S, parts] = sq_norms(shares);
+  Tensor norms = total.sqrt_();
+  if (scale != 1.0) norms.mul_(scale);
+  if (max_norm.has_value()) clipped(shares, norms, *max_norm);
+  std::vector<std::tuple<std::optional<Tensor>, int64_t, int64_t>> out;
+  for (Part& part : parts) {
+    out.emplace_back(part.sq.defined() ? std::optional<Tensor>(part.sq) : std::nullopt, part.i,
+                     part.j);
+  }
+  return {norms, S.defined() ? std::optional<Tensor>(S) : std::nullopt, out};
+}
+
 void bind_per_example(py::module_& m) {
   m.def("finish_rows", &finish_rows, py::arg("deltas"), py::arg("a_prevs"), py::arg("Ws"),
         py::arg("bs"), py::arg("bias"), py::arg("scale"), py::arg("max_norm"));
+  m.def("finish_shares", &finish_shares, py::arg("params"), py::arg("is_W"), py::arg("Ds"),
+        py::arg("As"), py::arg("scale"), py::arg("max_norm"));
 }
 
 }  // namespace manualbp
