@@ -128,11 +128,12 @@ def feedback_of(layer: nn.Module) -> Tensor | None:
 
     Sign symmetry's B is sign(current W) * s, s fixed at initialisation: every entry of the
     `feedback` buffer is +-s, so copysign(feedback, W) is that B in one kernel (bit for bit
-    sign_feedback(W, sign_scale(feedback)), without reading s out first). A plain eager float
-    call on the C++ core takes its sign_feedback instead: the same bits from one bit operation
-    per entry that reads W only (ATen's copysign costs about twice as much). In eager mode the
-    buffer is rebound to it (not written in place: an earlier forward may still have the old B
-    saved for its backward), so it shows the B of the latest forward.
+    sign_feedback(W, sign_scale(feedback)), without reading s out first). A plain eager
+    float32/float64 call on the C++ core takes its sign_feedback instead: the same bits from one
+    bit operation per entry that reads W only and s from feedback[0] (ATen's copysign costs about
+    twice as much). In eager mode the buffer then shows the B of the latest forward: rebound to
+    the new B, or, on the C++ core where nothing but the layer holds it, written over (an earlier
+    forward's graph that saved the old B, or a caller who kept it, keeps it unchanged).
     """
     rule = layer.rule
     if rule == "backprop":
