@@ -24,6 +24,7 @@ same step as W, weight decay included); its gradient is W's, delta^T a_prev.
 """
 
 import math
+from sys import getrefcount
 
 import torch
 from torch import Tensor, nn
@@ -127,19 +128,54 @@ def feedback_of(layer: nn.Module) -> Tensor | None:
 
     Sign symmetry's B is sign(current W) * s, s fixed at initialisation: every entry of the
     `feedback` buffer is +-s, so copysign(feedback, W) is that B in one kernel (bit for bit
-    sign_feedback(W, sign_scale(feedback)), without reading s out first). In eager mode the
-    buffer is rebound to it (not written in place: an earlier forward may still have the old B
-    saved for its backward), so it shows the B of the latest forward.
+    sign_feedback(W, sign_scale(feedback)), without reading s out first). A plain eager
+    float32/float64 call on the C++ core takes its sign_feedback instead: the same bits from one
+    bit operation per entry that reads W only and s from feedback[0] (ATen's copysign costs about
+    twice as much). In eager mode the buffer then shows the B of the latest forward: rebound to
+    the new B, or, on the C++ core where nothing but the layer holds it, written over (an earlier
+    forward's graph that saved the old B, or a caller who kept it, keeps it unchanged).
     """
     rule = layer.rule
     if rule == "backprop":
         return None
     if rule == "sign_symmetry":
-        B = torch.copysign(layer._buffers["feedback"], layer.weight.detach())
-        if not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
-            layer._buffers["feedback"] = B
-        return B
-    return layer.feedback
+        return _sign_feedback(layer)
+    # read directly: nn.Module.__getattr__ costs ~0.5 us a read, a step pays it per layer
+    B = (layer._parameters if rule == "kolen_pollack" else layer._buffers).get("feedback")
+    return B if B is not None else layer.feedback
+
+
+_eager = None  # manualbp.native.eager, bound on first use (manualbp.native imports this module)
+_SOLE = None  # sys.getrefcount of a tensor only a dict holds, read as _sign_feedback reads it
+
+
+def _refs(buffers: dict) -> int:
+    buf = buffers["feedback"]  # as _sign_feedback reads it
+    return getrefcount(buf)
+
+
+def _sign_feedback(layer: nn.Module) -> Tensor:
+    """feedback_of for sign symmetry. On the C++ core the buffer is written over where nothing
+    but the layer holds it (no graph saved it, no one kept it): fresh memory each step costs page
+    faults as well as the pass."""
+    buffers = layer._buffers
+    W = layer._parameters.get("weight")
+    if W is None:  # a parametrization's property
+        W = layer.weight
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return torch.copysign(buffers["feedback"], W.detach())  # traced: the buffer stays
+    global _eager, _SOLE
+    if _eager is None:
+        from manualbp.native import eager as _eager
+        _SOLE = _refs({"feedback": torch.empty(0)})
+    buf = buffers["feedback"]
+    sole = getrefcount(buf) <= _SOLE  # no one else holds buf (not even an argument list)
+    lib = _eager(W)
+    B = None if lib is None else lib.sign_feedback(W, buf, sole)
+    if B is None:  # not served there: the reference line
+        B = torch.copysign(buf, W.detach())
+    buffers["feedback"] = B
+    return B
 
 
 def split(L: int, params: tuple):

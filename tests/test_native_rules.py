@@ -119,6 +119,40 @@ def test_backprop_step_under_a_rule_is_bit_identical_and_accumulates(rule, act, 
             assert layer.feedback.grad.data_ptr() != layer.weight.grad.data_ptr()
 
 
+def clones(fn) -> int:
+    """How many aten::clone calls fn makes (the profiler sees the C++ core's ops too)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.key == "aten::clone" for e in prof.key_averages() for _ in range(e.count))
+
+
+@pytest.mark.parametrize("frozen_W", [False, True], ids=["W trained", "W frozen"])
+def test_kolen_pollack_copies_grad_W_only_where_B_grad_would_share_it(frozen_W):
+    torch.manual_seed(53)
+    mlp = mb.MLP([5, 7, 6, 4], rule="kolen_pollack")
+    x, y = torch.randn(6, 5), torch.randint(0, 4, (6,))
+    for layer in mlp.layers:
+        layer.weight.requires_grad_(not frozen_W)
+    L = len(mlp.layers)
+    fresh = clones(lambda: mlp.backprop(x, y))  # no .grad yet: B.grad = a copy of grad_W
+    before = [layer.feedback.grad.clone() for layer in mlp.layers]
+    adds = clones(lambda: mlp.backprop(x, y))  # B.grad.add_(grad_W): no copy needed
+    for layer, old in zip(mlp.layers, before, strict=True):
+        assert_equal(layer.feedback.grad, old + old, "B.grad accumulated")
+    replaced = clones(lambda: mlp.backprop(x, y, accumulate=False))
+    assert (fresh, adds, replaced) == ((0, 0, 0) if frozen_W else (L, 0, L))
+    with native.paused():  # the Python pass, as the reference for the values
+        ref = mb.MLP([5, 7, 6, 4], rule="kolen_pollack")
+        ref.load_state_dict(mlp.state_dict())
+        ref.backprop(x, y, accumulate=False)
+    for layer, ref_layer in zip(mlp.layers, ref.layers, strict=True):
+        B_grad = layer.feedback.grad
+        assert_equal(B_grad, ref_layer.feedback.grad, "B.grad")
+        if not frozen_W:
+            assert B_grad.untyped_storage().data_ptr() != layer.weight.grad.untyped_storage(
+            ).data_ptr()
+
+
 @pytest.mark.parametrize("rule", MLP_RULES)
 def test_backprop_under_a_rule_never_runs_the_python_pass(rule, monkeypatch):
     mlp = mb.MLP([5, 7, 4], rule=rule)

@@ -280,7 +280,9 @@ Tensor backprop_step(const Tensor& x, const Tensor& target,
   for (size_t i = 0; i < grads.size() - P; ++i) {  // Kolen-Pollack's B: its own tensor
     Tensor g = grads[P + i];
     if (!g.defined()) continue;
-    set_grad(fb[i], g.is_same(grads[2 * i]) ? g.clone() : g, accumulate);
+    // a copy only where B.grad would become the tensor W.grad now is; B.grad.add_(g) reads g
+    const bool adds = accumulate && fb[i].grad().defined();
+    set_grad(fb[i], !adds && g.is_same(ps[2 * i].grad()) ? g.clone() : g, accumulate);
   }
   return loss;
 }

@@ -13,6 +13,7 @@ namespace manualbp {
 
 void bind_losses(py::module_& m);  // losses.cpp
 void bind_per_example(py::module_& m);  // per_example.cpp
+void bind_sign_feedback(py::module_& m);  // sign_feedback.cpp
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -325,6 +326,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("take_slot", &take_slot);
   bind_losses(m);
   bind_per_example(m);
+  bind_sign_feedback(m);
   m.def("backprop", &backprop, py::arg("x"), py::arg("target"), py::arg("params"),
         py::arg("activations"), py::arg("accumulate"),
         py::arg("feedback") = std::vector<OptTensor>(), py::arg("direct") = false);
