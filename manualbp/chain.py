@@ -58,6 +58,21 @@ class Chain(nn.Sequential):
             input = m(input)
         return run_chain(run, input) if run else input
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """nn.Module.zero_grad, as a loop over the children's own parameters when no child has
+        submodules: the generic walk over named_parameters() costs 18-35 us a call, a tenth of a
+        small training step (as MLP.zero_grad)."""
+        if not set_to_none or self._parameters or "_is_replica" in self.__dict__:
+            return super().zero_grad(set_to_none)  # the generic walk (and its warning)
+        for m in self._modules.values():
+            if m is not None and m._modules:  # a nested or parametrized child: the generic walk
+                return super().zero_grad(set_to_none)
+        for m in self._modules.values():
+            if m is not None:
+                for p in m._parameters.values():
+                    if p is not None:
+                        p.grad = None
+
 
 def _global_hooks() -> bool:
     """Whether any global module hook is registered (each child's call would run it)."""

@@ -314,6 +314,20 @@ def test_autocast_and_half_dtypes_are_the_layers(nodes):
     chain_vs_layers(model, x.detach().bfloat16().requires_grad_(), g, nodes)
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_zero_grad_clears_every_gradient(nested):
+    model = mb.convert(stack(nn.Tanh))
+    if nested:  # a child with submodules: the generic walk
+        model.append(nn.Sequential(nn.Linear(3, 2, dtype=torch.float64)))
+        torch.nn.utils.parametrizations.weight_norm(model[2])
+    for set_to_none in (True, False):
+        model(torch.randn(4, WIDTHS[0], dtype=torch.float64)).sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+        model.zero_grad(set_to_none)
+        for p in model.parameters():
+            assert p.grad is None if set_to_none else torch.equal(p.grad, torch.zeros_like(p))
+
+
 def test_no_grad_and_inference_mode(nodes):
     model = mb.convert(stack(nn.Softplus, dtype=torch.float32, last_act=True))
     x = torch.randn(4, 3, WIDTHS[0])
