@@ -17,7 +17,7 @@ is cached, so a parameter replaced, frozen or cast, a hook added, shows at once)
     Parameter (a parametrization, a plain tensor set in its place) or a Linear with submodules,
     a forward of its own or a compiled call (module.compile()); an input or parameter the
     per-layer path would refuse or treat otherwise (dtypes that differ, widths that do not
-    chain, a nested or sparse input).
+    chain, a nested or sparse input, an input with leading dims that is not contiguous).
 A run the node refuses for a reason not checked here (a device mismatch) runs layer by layer
 too, which then raises the layers' own error.
 """
@@ -129,8 +129,8 @@ def _flat(run: list[nn.Module], x: Tensor):
         return None  # a subclass, sparse or nested input: the layers' own way
     dtype = x.dtype
     xs = x.shape
-    if dtype not in _DTYPES or not xs:
-        return None
+    if dtype not in _DTYPES or not xs or (len(xs) > 2 and not x.is_contiguous()):
+        return None  # (B, T, n) strided: F.linear on it is matmul + bias, not the rows' addmm
     width = xs[-1]
     params: list[Tensor | None] = []
     activations = []

@@ -51,6 +51,14 @@ def stack(act=nn.ReLU, bias=True, dtype=torch.float64, last_act=False, widths=WI
     return nn.Sequential(*(mods if last_act else mods[:-1]))
 
 
+def upstream(shape, dtype=torch.float64):
+    """A random signed upstream gradient, strided, and for (B, T, n) also transposed in (B, T),
+    so that reading it as (B T, n) rows needs a copy."""
+    if len(shape) < 3:
+        return noncontiguous_randn(shape, dtype)
+    return noncontiguous_randn((shape[1], shape[0], *shape[2:]), dtype).transpose(0, 1)
+
+
 def step(model, forward, x, g):
     """(output, x.grad, [p.grad]) of forward(x) and backward(g), from cleared gradients."""
     x = x.detach().requires_grad_(x.requires_grad)
@@ -109,12 +117,32 @@ def test_chain_is_the_layers_bit_for_bit(act, last_act, bias, lead, dtype, nodes
     assert type(model) is mb.Chain and report.chained == [""]
     assert len(report.fused) == (3 if last_act else 2)  # every activation fused
     x = torch.randn(4, *lead, WIDTHS[0], dtype=dtype, requires_grad=True)
-    g = noncontiguous_randn((4, *lead, WIDTHS[-1]), dtype)
+    g = upstream((4, *lead, WIDTHS[-1]), dtype)
     mine = chain_vs_layers(model, x, g, nodes)
-    # with leading dims the last layer runs on its own when it has a g (see chain.py)
-    assert len(nodes[-1]) == (2 if lead and last_act else 3)
     if dtype == torch.float64:
         assert_as_autograd(reference, x, g, mine)
+
+
+def test_with_leading_dims_a_last_g_reads_the_gradient_as_it_arrives(nodes):
+    """The node reads dL/da[L] (B, T, n) as contiguous rows; gelu's and softplus' g' kernels
+    round differently on strided memory, so the last layer of such a run runs on its own."""
+    for act in (nn.GELU, nn.Softplus, nn.ReLU):
+        model = mb.convert(stack(act, last_act=True))
+        for lead in ((3,), (2, 3), ()):
+            x = torch.randn(4, *lead, WIDTHS[0], dtype=torch.float64, requires_grad=True)
+            chain_vs_layers(model, x, upstream((4, *lead, WIDTHS[-1])), nodes)
+            assert len(nodes[-1]) == (2 if lead else 3)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.GELU], ids=["relu", "gelu"])
+def test_a_strided_input_with_leading_dims_runs_layer_by_layer(act, nodes):
+    """F.linear on a strided (B, T, n) input is matmul + bias, not the addmm the node runs on
+    its rows: the layers take it (a 2-D strided input is the same either way)."""
+    model = mb.convert(stack(act, dtype=torch.float32))
+    x = upstream((4, 3, WIDTHS[0]), torch.float32).requires_grad_()
+    chain_vs_layers(model, x, upstream((4, 3, WIDTHS[-1]), torch.float32), nodes, called=0)
+    x = noncontiguous_randn((4, WIDTHS[0]), torch.float32).requires_grad_()
+    chain_vs_layers(model, x, noncontiguous_randn((4, WIDTHS[-1]), torch.float32), nodes)
 
 
 @pytest.mark.parametrize("rule", ["fa", "ss", "kp"])
@@ -382,6 +410,19 @@ def test_bad_model_gets_the_layers_error(nodes):
             nn.Sequential.forward(model, x)
         with pytest.raises(type(layers.value), match=re.escape(str(layers.value))):
             model(x)
+
+
+def test_a_refusal_the_checks_miss_runs_the_layers(monkeypatch):
+    """Whatever the node refuses runs layer by layer: their result, or their own error."""
+    def refuse(*args):
+        raise RuntimeError("the node refused")
+
+    monkeypatch.setattr(chain_module, "run_node", refuse)
+    model = mb.convert(stack(nn.Tanh))
+    x = torch.randn(4, WIDTHS[0], dtype=torch.float64, requires_grad=True)
+    g = noncontiguous_randn((4, WIDTHS[-1]))
+    assert_identical(step(model, model, x, g),
+                     step(model, lambda v: nn.Sequential.forward(model, v), x, g))
 
 
 def test_unconvert_state_dict_and_copies(nodes):
