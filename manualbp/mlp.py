@@ -266,22 +266,19 @@ class MLP(nn.Module):
         return params, tuple(activations)
 
     def _run(self, x: Tensor, target: Tensor | None, trace: Trace | None):
-        """(logits, loss or None); on a kernel's refusal, say which layer is at fault."""
+        """(logits, loss or None) as one node (run_node), with the rule's matrices; on a
+        kernel's refusal, say which layer is at fault."""
         params, activations = self._flat()
         check_linear_args("MLP", x, params[0], params[1])
         try:
-            return self._run_checked(x, target, trace, params, activations)
+            # no backward can follow a forward without grad mode: the rule's B is not needed
+            feedback, source = self._feedback() if torch.is_grad_enabled() else (None, None)
+            return run_node(x, target, trace, params, activations, self._modules["layers"],
+                            feedback, source, _native_serves(self))  # direct: no __getattr__
         except RuntimeError as error:  # checked only once a kernel has refused
             refused = error
         check_layers("MLP", params)
         raise refused
-
-    def _run_checked(self, x, target, trace, params, activations):
-        """(logits, loss or None) as one node (run_node), with the rule's matrices."""
-        # no backward can follow a forward without grad mode: the rule's feedback is not needed
-        feedback, source = self._feedback() if torch.is_grad_enabled() else (None, None)
-        return run_node(x, target, trace, params, activations, self.layers, feedback, source,
-                        _native_serves(self))
 
     def extra_repr(self) -> str:
         rule = "" if self.rule == "backprop" else f", rule={self.rule}"
