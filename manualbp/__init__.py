@@ -2,6 +2,7 @@
 
 from manualbp import dp  # DP-SGD glue: noise, Poisson batches, Opacus's accountant
 from manualbp.activations import ACTIVATIONS, Activation
+from manualbp.chain import Chain
 from manualbp.convert import ConversionReport, convert
 from manualbp.fused import MLPEagerFunction, MLPFunction, Trace
 from manualbp.linear import LinearActEagerFunction, LinearActFunction, linear_act
@@ -22,6 +23,7 @@ __all__ = [
     "ACTIVATIONS",
     "MLP",
     "Activation",
+    "Chain",
     "ConversionReport",
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",

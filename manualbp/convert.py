@@ -3,7 +3,9 @@
 Every plain nn.Linear becomes a manualbp.Linear, and inside an nn.Sequential a Linear directly
 followed by an activation module that manualbp.ACTIVATIONS covers exactly is fused with it: the
 Linear computes a = g(z) itself and the activation's slot becomes nn.Identity, so indices and
-state_dict keys stay as they were.
+state_dict keys stay as they were. An nn.Sequential that then holds two or more consecutive
+manualbp.Linear becomes a manualbp.Chain (its class swapped in place too), which runs each such
+run of layers as one node, the one mb.MLP runs.
 
 How a Linear is converted: its class is swapped in place (the way torch's own
 nn.utils.parametrize does it), not rebuilt. The layer stays the same object, so its Parameters
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from manualbp.chain import Chain, has_run
 from manualbp.conv1d import (
     convert_conv1d,
     is_conv1d,
@@ -61,12 +64,14 @@ class ConversionReport:
         fused: (linear, activation) pairs; the activation's slot now holds nn.Identity.
         skipped: (name, reason) for linear-like modules left alone, names listed in skip, and
             activations next to a Linear that were not fused.
+        chained: nn.Sequential that are now manualbp.Chain (unconvert: made nn.Sequential again).
     """
 
     converted: list[str] = field(default_factory=list)
     fused: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     undo: bool = False  # made by unconvert: converted = made plain, fused = put back apart
+    chained: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         if self.undo:
@@ -80,6 +85,8 @@ class ConversionReport:
         lines += [f"  {'unfused' if self.undo else 'fused  '}   {linear} + {act}"
                   for linear, act in self.fused]
         lines += [f"  skipped   {name or '<root>'}: {why}" for name, why in self.skipped]
+        lines += [f"  {'unchained' if self.undo else 'chained  '} {name or '<root>'}"
+                  for name in self.chained]
         return "\n".join(lines)
 
 
@@ -105,6 +112,16 @@ def convert(module, *, fuse=True, skip=(), report=False, rule="backprop"):
     through a slice of its Sequential it returns g(z), and hooks registered on it afterwards see
     g(z) and dL/dg(z). fuse=False keeps every Linear returning z.
 
+    With fuse=True, every nn.Sequential (exactly that class, not a subclass) that then holds a
+    run of two or more consecutive manualbp.Linear (the nn.Identity in a fused activation's
+    slot, or any other, may sit between them) becomes a manualbp.Chain, its class swapped in
+    place as for Linear (children, indices, state_dict keys, hooks and mode stay), reported in
+    report.chained. Chain runs each such run as one call of the node mb.MLP runs, with the same
+    results bit for bit and a cheaper step; whatever that node would not do exactly as the
+    layers do (hooks on the Sequential or its layers, torch.func or torch.compile tracing,
+    mixed rules, a parametrized weight, ...) runs layer by layer as nn.Sequential would, decided
+    at each call (see manualbp.chain).
+
     Left alone, each reported in report.skipped with the reason:
       * Linear subclasses, e.g. nn.MultiheadAttention's out_proj, whose weight
         F.multi_head_attention_forward reads directly (its forward never runs), LazyLinear
@@ -118,7 +135,8 @@ def convert(module, *, fuse=True, skip=(), report=False, rule="backprop"):
         uses too), of a Linear with forward or backward hooks (they would see g(z), not z), and of
         an activation with hooks (they would be lost with the module).
     Activations outside an nn.Sequential (an attribute, or F.gelu in a forward) are never fused:
-    only Sequential fixes the order of calls (not its subclasses that override forward).
+    only Sequential fixes the order of calls (not its subclasses that override forward, other
+    than manualbp.Chain, whose calls are Sequential's).
     Layers that are manualbp.Linear already are not touched or reported: converting twice changes
     nothing more.
 
@@ -192,8 +210,18 @@ def convert(module, *, fuse=True, skip=(), report=False, rule="backprop"):
                 rep.skipped.append((name, why))
         elif _looks_linear(m) and not is_converted_conv1d(m):
             rep.skipped.append((name, _why_other_linear(m)))
+    if fuse:
+        _chain(modules, skip_ids, rep)
     logger.info("%s", rep)
     return (module, rep) if report else module
+
+
+def _chain(modules: list[tuple[str, nn.Module]], skip_ids: set[int], rep: ConversionReport):
+    """Make every plain nn.Sequential holding a run of >= 2 manualbp.Linear a Chain, in place."""
+    for name, m in modules:
+        if type(m) is nn.Sequential and id(m) not in skip_ids and has_run(m):
+            m.__class__ = Chain  # same object: children, hooks, mode all stay
+            rep.chained.append(name)
 
 
 def _skipped_ids(module: nn.Module, skip: Iterable[str], rep: ConversionReport) -> set[int]:
@@ -226,7 +254,8 @@ def _plan_fusions(
     )
     plan = {}
     for seq_name, seq in modules:
-        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
+        if not isinstance(seq, nn.Sequential) or (type(seq).forward is not nn.Sequential.forward
+                                                  and type(seq) is not Chain):
             continue
         for (_, linear), (act_slot, act) in pairwise(seq._modules.items()):
             if (type(linear) is not nn.Linear or {id(linear), id(act)} & skip_ids

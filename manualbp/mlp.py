@@ -266,57 +266,66 @@ class MLP(nn.Module):
         return params, tuple(activations)
 
     def _run(self, x: Tensor, target: Tensor | None, trace: Trace | None):
-        """(logits, loss or None); on a kernel's refusal, say which layer is at fault."""
+        """(logits, loss or None) as one node (run_node), with the rule's matrices; on a
+        kernel's refusal, say which layer is at fault."""
         params, activations = self._flat()
         check_linear_args("MLP", x, params[0], params[1])
         try:
-            return self._run_checked(x, target, trace, params, activations)
+            # no backward can follow a forward without grad mode: the rule's B is not needed
+            feedback, source = self._feedback() if torch.is_grad_enabled() else (None, None)
+            return run_node(x, target, trace, params, activations, self._modules["layers"],
+                            feedback, source, _native_serves(self))  # direct: no __getattr__
         except RuntimeError as error:  # checked only once a kernel has refused
             refused = error
         check_layers("MLP", params)
         raise refused
 
-    def _run_checked(self, x, target, trace, params, activations):
-        """(logits, loss or None) through the lean eager Function or, under torch.func,
-        torch.compile, autocast or a Trace, through MLPFunction."""
-        # no backward can follow a forward without grad mode: the rule's feedback is not needed
-        feedback, source = self._feedback() if torch.is_grad_enabled() else (None, None)
-        dtype = autocast_dtype(x)
-        if dtype is not None:
-            x, *params = cast_all(dtype, x, *params)
-            feedback = None if feedback is None else cast_all(dtype, *feedback)
-        rule_args = () if source is None else (*feedback, source)  # rules.split's layout
-        pe = active()
-        if pe is not None:  # a per_example block: its probes ride in the trace slot
-            probes = pe.node_probes(self.layers, x)
-            lib = (_native_lib() if probes is not None and trace is None and dtype is None
-                   and x.dtype in _EAGER_DTYPES and _native_serves(self) else None)
-            if lib is not None:  # the C++ node fills each covered layer's slot (no tracing here)
-                slots = [-1 if p is None else p.slot(lib) for p in probes.probes]
-                out = lib.mlp(x, target, activations, params, feedback or (), source == DIRECT,
-                              slots, pe.clip)
-                return (out[0], None) if target is None else out
-            if probes is not None:
-                probes.trace, trace = trace, probes
-        if dtype is None and trace is None and x.dtype in _EAGER_DTYPES and not tracing():
-            lib = _native_lib() if _native_serves(self) else None
-            if lib is not None:  # the C++ twin when built, the rule's matrices handed to it
-                out = (lib.mlp(x, target, activations, params) if source is None else
-                       lib.mlp(x, target, activations, params, feedback, source == DIRECT))
-                return (out[0], None) if target is None else out
-            out = _eager_apply(x, target, activations, *params, *rule_args)
-            return (out, None) if target is None else out
-        if dtype is None:
-            out = apply(MLPFunction, x, target, activations, trace, *params, *rule_args)
-        else:
-            with torch.autocast(x.device.type, enabled=False):
-                out = apply(MLPFunction, x, target, activations, trace, *params, *rule_args)
-        # the folded loss is float32 under autocast already, like F.cross_entropy there
-        return out[0], (out[-1] if target is not None else None)
-
     def extra_repr(self) -> str:
         rule = "" if self.rule == "backprop" else f", rule={self.rule}"
         return f"sizes={self.sizes}, activation={self.activation}{rule}"
+
+
+def run_node(x, target, trace, params, activations, layers, feedback, source, native=True):
+    """(logits, loss or None) for the layers as one node: the C++ node or the lean eager
+    Function for plain eager calls, MLPFunction under torch.func, torch.compile, autocast or a
+    Trace. Shared by MLP and manualbp.chain (a converted nn.Sequential's run of Linears).
+
+    params, activations: as MLP._flat gives them; layers: the Linears they were read from
+    (a per_example block's probes are keyed on them); feedback, source: the rule's matrices as
+    MLP._feedback gives them, or (None, None); native: the C++ core may serve this call.
+    """
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        x, *params = cast_all(dtype, x, *params)
+        feedback = None if feedback is None else cast_all(dtype, *feedback)
+    rule_args = () if source is None else (*feedback, source)  # rules.split's layout
+    pe = active()
+    if pe is not None:  # a per_example block: its probes ride in the trace slot
+        probes = pe.node_probes(layers, x)
+        lib = (_native_lib() if probes is not None and trace is None and dtype is None
+               and x.dtype in _EAGER_DTYPES and native else None)
+        if lib is not None:  # the C++ node fills each covered layer's slot (no tracing here)
+            slots = [-1 if p is None else p.slot(lib) for p in probes.probes]
+            out = lib.mlp(x, target, activations, params, feedback or (), source == DIRECT,
+                          slots, pe.clip)
+            return (out[0], None) if target is None else out
+        if probes is not None:
+            probes.trace, trace = trace, probes
+    if dtype is None and trace is None and x.dtype in _EAGER_DTYPES and not tracing():
+        lib = _native_lib() if native else None
+        if lib is not None:  # the C++ twin when built, the rule's matrices handed to it
+            out = (lib.mlp(x, target, activations, params) if source is None else
+                   lib.mlp(x, target, activations, params, feedback, source == DIRECT))
+            return (out[0], None) if target is None else out
+        out = _eager_apply(x, target, activations, *params, *rule_args)
+        return (out, None) if target is None else out
+    if dtype is None:
+        out = apply(MLPFunction, x, target, activations, trace, *params, *rule_args)
+    else:
+        with torch.autocast(x.device.type, enabled=False):
+            out = apply(MLPFunction, x, target, activations, trace, *params, *rule_args)
+    # the folded loss is float32 under autocast already, like F.cross_entropy there
+    return out[0], (out[-1] if target is not None else None)
 
 
 def _native_probed(lib, x, target, params, activations, accumulate, feedback, source, probes,

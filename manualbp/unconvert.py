@@ -11,6 +11,7 @@ from typing import Literal, TypeVar, overload
 
 from torch import nn
 
+from manualbp.chain import Chain
 from manualbp.conv1d import is_converted_conv1d
 from manualbp.convert import UNFUSED, ConversionReport
 from manualbp.mlp import MLP
@@ -29,9 +30,9 @@ def unconvert(module, *, report=False):
     """Undo convert in place: plain nn.Linear / Conv1D and the original activation modules again.
 
     The report's converted lists the layers made plain again, fused the (linear, activation)
-    pairs put back apart, and skipped the manualbp layers that have no plain form with the same
-    state_dict: a manualbp.Linear built with an activation of its own (not by convert), and
-    MLP, which is one node by design.
+    pairs put back apart, chained the manualbp.Chain made nn.Sequential again, and skipped the
+    manualbp layers that have no plain form with the same state_dict: a manualbp.Linear built
+    with an activation of its own (not by convert), and MLP, which is one node by design.
 
     Returns:
         module, or (module, ConversionReport) when report=True.
@@ -45,6 +46,9 @@ def unconvert(module, *, report=False):
     for seq_name, seq in modules:  # put each fused activation back first
         if not isinstance(seq, nn.Sequential):
             continue
+        if type(seq) is Chain:
+            seq.__class__ = nn.Sequential
+            rep.chained.append(seq_name)
         slots = list(seq._modules.items())
         for (_, linear), (slot, ident) in zip(slots, slots[1:], strict=False):
             act = getattr(ident, UNFUSED, None) if type(ident) is nn.Identity else None
