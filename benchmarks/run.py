@@ -82,6 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
+    if args.digits_repeats < 0:
+        p.error(f"--digits-repeats: expected a count >= 0, got {args.digits_repeats}")
+    if args.digits_repeats == 0:  # no digits runs: the same as --no-sklearn
+        args.no_sklearn = True
     if args.dtype is None:
         args.dtype = ["float32", "bfloat16"] if args.device == "cuda" else ["float32"]
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -75,3 +75,15 @@ def test_digits_breakdown_times_every_part_of_the_loop():
         assert set(parts) == set(digits.PARTS)
         assert all(v >= 0 for v in parts.values()), (kind, parts)
         assert parts["forward+backward"] > 0 and parts["adam"] > 0
+
+
+def test_zero_digits_repeats_skips_the_digits_runs_and_a_negative_count_is_refused():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert run.parse_args(["--digits-repeats", "0"]).no_sklearn  # not a median of no runs
+    assert not run.parse_args(["--digits-repeats", "2"]).no_sklearn
+    with pytest.raises(SystemExit):
+        run.parse_args(["--digits-repeats", "-1"])
