@@ -155,11 +155,13 @@ class MLP(nn.Module):
         if refused is not None:
             explain_mlp_target("MLP.backprop", target, self.sizes[-1])  # say which, and why
             raise refused
-        if source == PER_LAYER:  # Kolen-Pollack's B get grad_W: give each its own tensor
-            L = len(activations)
+        if source == PER_LAYER:  # Kolen-Pollack's B get grad_W: a copy only where B.grad and
+            L = len(activations)  # W.grad would both become that tensor (as the C++ step)
             params = params + list(feedback)
-            grads = grads[:2 * L] + [g if g is None or g is not grads[2 * i] else g.clone()
-                                     for i, g in enumerate(grads[2 * L:])]
+            grads = grads[:2 * L] + [
+                g.clone() if g is not None and g is grads[2 * i] and not (
+                    accumulate and (B.grad is not None or params[2 * i].grad is not None))
+                else g for i, (g, B) in enumerate(zip(grads[2 * L:], feedback, strict=True))]
         computed = []  # (weight computed by a parametrization, its gradient)
         clipped = probes is not None and pe.clip  # the block forms their .grad when it exits
         for p, g in zip(params, grads, strict=True):  # .grad never requires grad: no graph

@@ -7,6 +7,8 @@ torch.equal, and the node that ran is asserted, so a rule that silently took the
 backprop's) fails. tests/test_rules.py checks both backends against float64 autograd.
 """
 
+import contextlib
+
 import pytest
 import torch
 from oracle import leaves, noncontiguous_randn
@@ -126,8 +128,14 @@ def clones(fn) -> int:
     return sum(e.key == "aten::clone" for e in prof.key_averages() for _ in range(e.count))
 
 
+@pytest.mark.parametrize("backend", ["C++", "Python"])
 @pytest.mark.parametrize("frozen_W", [False, True], ids=["W trained", "W frozen"])
-def test_kolen_pollack_copies_grad_W_only_where_B_grad_would_share_it(frozen_W):
+def test_kolen_pollack_copies_grad_W_only_where_B_grad_would_share_it(frozen_W, backend):
+    with native.paused() if backend == "Python" else contextlib.nullcontext():
+        kolen_pollack_copies(frozen_W)
+
+
+def kolen_pollack_copies(frozen_W):
     torch.manual_seed(53)
     mlp = mb.MLP([5, 7, 6, 4], rule="kolen_pollack")
     x, y = torch.randn(6, 5), torch.randint(0, 4, (6,))
