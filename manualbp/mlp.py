@@ -159,9 +159,9 @@ class MLP(nn.Module):
             L = len(activations)  # W.grad would both become that tensor (as the C++ step)
             params = params + list(feedback)
             grads = grads[:2 * L] + [
-                g.clone() if g is not None and g is grads[2 * i] and not (
-                    accumulate and (B.grad is not None or params[2 * i].grad is not None))
-                else g for i, (g, B) in enumerate(zip(grads[2 * L:], feedback, strict=True))]
+                g.clone() if g is not None and g is grads[2 * i]
+                and _both_take(params[2 * i], B, accumulate) else g
+                for i, (g, B) in enumerate(zip(grads[2 * L:], feedback, strict=True))]
         computed = []  # (weight computed by a parametrization, its gradient)
         clipped = probes is not None and pe.clip  # the block forms their .grad when it exits
         for p, g in zip(params, grads, strict=True):  # .grad never requires grad: no graph
@@ -342,6 +342,13 @@ def _native_probed(lib, x, target, params, activations, accumulate, feedback, so
         if probe is not None and shares[2 * i] is not None:  # a gradient reached the layer
             probe(shares[2 * i], shares[2 * i + 1])
     return loss
+
+
+def _both_take(W: Tensor, B: Tensor, accumulate: bool) -> bool:
+    """Whether _set_grad would make one gradient tensor both W.grad and B.grad (Kolen-Pollack's
+    B gets grad_W): a parametrized W's goes on through autograd, and adding into an existing
+    .grad only reads it."""
+    return W.grad_fn is None and not (accumulate and (W.grad is not None or B.grad is not None))
 
 
 def _set_grad(p: Tensor, g: Tensor, accumulate: bool) -> None:

@@ -8,6 +8,7 @@ backprop's) fails. tests/test_rules.py checks both backends against float64 auto
 """
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -257,3 +258,20 @@ def test_every_rule_runs_on_the_native_nodes():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert node(fa(x)).startswith("MLPFunction")
         assert node(mb.Linear(4, 3, rule="kp")(x)).startswith("LinearActFunction")
+
+
+def test_kolen_pollack_with_a_parametrized_weight_reads_no_non_leaf_grad():
+    """The copy rule for B.grad must not read .grad of a W that a parametrization computes
+    (torch warns: it is never populated); B.grad still accumulates grad_W."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(54)
+    mlp = mb.MLP([5, 7, 4], rule="kolen_pollack")
+    weight_norm(mlp.layers[0])
+    x, y = torch.randn(3, 5), torch.tensor([0, 3, 1])
+    with native.paused(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mlp.backprop(x, y)
+        once = mlp.layers[0].feedback.grad.clone()
+        mlp.backprop(x, y)
+    assert_equal(mlp.layers[0].feedback.grad, once + once, "B.grad accumulated")
