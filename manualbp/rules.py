@@ -24,6 +24,7 @@ same step as W, weight decay included); its gradient is W's, delta^T a_prev.
 """
 
 import math
+import weakref
 from sys import getrefcount
 
 import torch
@@ -146,6 +147,7 @@ def feedback_of(layer: nn.Module) -> Tensor | None:
 
 
 _eager = None  # manualbp.native.eager, bound on first use (manualbp.native imports this module)
+_SEEN = weakref.WeakKeyDictionary()  # layer -> (weakref to its last B, B's version then)
 _SOLE = None  # sys.getrefcount of a tensor only a dict holds, read as _sign_feedback reads it
 
 
@@ -171,11 +173,29 @@ def _sign_feedback(layer: nn.Module) -> Tensor:
     buf = buffers["feedback"]
     sole = getrefcount(buf) <= _SOLE  # no one else holds buf (not even an argument list)
     lib = _eager(W)
-    B = None if lib is None else lib.sign_feedback(W, buf, sole)
+    B = None if lib is None or not _uniform(layer, buf) else lib.sign_feedback(W, buf, sole)
     if B is None:  # not served there: the reference line
         B = torch.copysign(buf, W.detach())
     buffers["feedback"] = B
+    _SEEN[layer] = (weakref.ref(B), B._version)
     return B
+
+
+def _uniform(layer: nn.Module, buf: Tensor) -> bool:
+    """Whether every entry of buf is +-s (s = |buf[0]|), as the C++ sign_feedback assumes.
+
+    True without a look at the data when buf is the tensor _sign_feedback last returned, at the
+    version it had then (attach, redraw and the C++ write keep the form). A buffer loaded or
+    written by other code (load_state_dict, a hand edit) is read once; if its magnitudes differ
+    the reference line copysign(feedback, W) serves it, entry by entry, on every backend.
+    """
+    seen = _SEEN.get(layer)
+    if seen is not None and seen[0]() is buf and seen[1] == buf._version:
+        return True
+    if buf.numel() == 0:
+        return True
+    flat = buf.detach().reshape(-1)
+    return bool((flat.abs() == flat[0].abs()).all())
 
 
 def split(L: int, params: tuple):

@@ -184,3 +184,34 @@ def test_the_buffer_is_written_over_only_where_nothing_else_holds_it(lib):
     B = flip()  # nothing holds it now: written over, its version bumped
     assert id(B) == buf_id and B._version > version
     assert torch.equal(B, torch.copysign(B, layer.weight.detach()))
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "in place", "rebound"])
+def test_a_buffer_written_by_other_code_is_read_entry_by_entry(spy, how):
+    """The kernel reads s from feedback[0]: a buffer whose magnitudes differ (loaded, edited by
+    hand) must not take it, so every backend gives copysign(feedback, W) entry by entry."""
+    torch.manual_seed(7)
+    layer = mb.Linear(5, 4, rule="sign_symmetry")
+    rules.feedback_of(layer)  # the kernel's own buffer from here on
+    assert spy.calls == [True]
+    odd = torch.rand(4, 5) + 0.5  # magnitudes differ entry by entry
+    if how == "load_state_dict":
+        layer.load_state_dict({**layer.state_dict(), "feedback": odd})
+    elif how == "in place":
+        with torch.no_grad():
+            layer.feedback.copy_(odd)
+    else:
+        layer.feedback = odd.clone()
+    want = torch.copysign(odd, layer.weight.detach())
+    B = rules.feedback_of(layer)
+    assert spy.calls == [True]  # not asked
+    assert torch.equal(B, want)
+    with native.paused():
+        assert torch.equal(rules.feedback_of(layer), want)
+    with torch.no_grad():  # a +-s buffer written by other code: read once, then served again
+        layer.feedback.copy_(rules.sign_feedback(layer.weight, torch.tensor(0.25)))
+    B = rules.feedback_of(layer)
+    assert spy.calls[-1] is True
+    assert torch.equal(B, torch.copysign(torch.tensor(0.25), layer.weight.detach()))
+    rules.feedback_of(layer)
+    assert spy.calls[-1] is True
