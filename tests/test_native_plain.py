@@ -12,6 +12,7 @@ from oracle import leaves, noncontiguous_randn
 import manualbp as mb
 from manualbp import native
 from manualbp.loss_checks import plain_cross_entropy
+from manualbp.rules import attach
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -152,3 +153,69 @@ def test_mlp_short_way_refusal_still_names_the_layer():
         mlp.layers[1].weight = torch.nn.Parameter(torch.randn(3, 6))  # widths do not chain
     with pytest.raises(RuntimeError):
         mlp(torch.randn(2, 4))
+
+
+def _runs(model):
+    """The Linears and Identities, as run_chain takes them (a parametrized Linear, whose class
+    parametrize swapped, kept in: Chain.forward cuts the run there, _flat refuses it too)."""
+    return [m for m in model._modules.values() if isinstance(m, (mb.Linear, torch.nn.Identity))]
+
+
+def _chain_cases():
+    from test_chain import BAD_INPUTS, FALLBACKS, WIDTHS, stack
+
+    cases = {}
+    for change in FALLBACKS:
+        model = mb.convert(stack(torch.nn.Tanh))
+        change(model)
+        x = torch.randn(4, WIDTHS[0], dtype=torch.float64)
+        outer = change.__name__ == "_hooked_sequential"  # Chain.forward's to see, not _flat's
+        cases[change.__name__.strip("_")] = (model, x, outer)
+    for name, make in BAD_INPUTS:
+        cases["input " + name] = (mb.convert(stack()), make(), False)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        cases[f"usual {dtype}"] = (mb.convert(stack(dtype=dtype)),
+                                   torch.randn(4, WIDTHS[0], dtype=dtype), True)
+    usual = mb.convert(stack())
+    cases["no bias"] = (mb.convert(stack(bias=False)), torch.randn(4, 5, dtype=torch.float64),
+                        True)
+    cases["leading dims"] = (usual, torch.randn(2, 3, 5, dtype=torch.float64), True)
+    cases["strided rows"] = (usual, torch.randn(5, 4, dtype=torch.float64).t(), True)
+    cases["strided leading dims"] = (usual, torch.randn(3, 2, 5, dtype=torch.float64)
+                                     .transpose(0, 1), False)
+    cases["tensor subclass"] = (usual, torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64)),
+                                False)
+    cases["nested input"] = (usual, torch.nested.nested_tensor(
+        [torch.randn(2, 5, dtype=torch.float64)]), False)
+    frozen = mb.convert(stack())
+    frozen[2].weight.requires_grad_(False)
+    cases["frozen layer"] = (frozen, torch.randn(4, 5, dtype=torch.float64), True)
+    shared = torch.nn.Linear(5, 5, dtype=torch.float64)
+    cases["layer twice"] = (mb.convert(torch.nn.Sequential(shared, shared)),
+                            torch.randn(4, 5, dtype=torch.float64), False)
+    kp = mb.convert(stack())
+    for layer in _runs(kp)[0::2]:
+        attach(layer, "kolen_pollack")
+    cases["kolen_pollack (the Python _flat's)"] = (kp, torch.randn(4, 5, dtype=torch.float64),
+                                                   False)
+    cases["one layer"] = (mb.convert(torch.nn.Sequential(torch.nn.Linear(5, 3))),
+                          torch.randn(4, 5), False)
+    return cases
+
+
+@pytest.mark.parametrize("case", sorted(_chain_cases()))
+def test_chain_flat_in_cpp_confirms_only_what_the_python_flat_serves(case):
+    """native chain_flat gives the Python _flat's answer where it serves, and None elsewhere
+    (the Python _flat then decides); it serves every usual run."""
+    from manualbp.chain import _flat
+
+    model, x, usual = _chain_cases()[case]
+    run = _runs(model)
+    mine, ref = native.lib().chain_flat(run, x, torch.nn.Identity), _flat(run, x)
+    if mine is not None:
+        assert ref is not None and len(mine) == len(ref) == 4
+        assert mine[1] == ref[1] and mine[3] == ref[3]
+        for got, want in ((mine[0], ref[0]), (mine[2], ref[2])):
+            assert type(got) is type(want) and len(got) == len(want)
+            assert all(a is b for a, b in zip(got, want, strict=True))
+    assert (mine is not None) == usual
