@@ -219,3 +219,70 @@ def test_chain_flat_in_cpp_confirms_only_what_the_python_flat_serves(case):
             assert type(got) is type(want) and len(got) == len(want)
             assert all(a is b for a, b in zip(got, want, strict=True))
     assert (mine is not None) == usual
+
+
+def _mlp_cases():
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, dtype=torch.float64)
+
+    def net(dtype=torch.float64, bias=True, change=None):
+        mlp = mb.MLP([5, 6, 3], bias=bias, dtype=dtype)
+        if change is not None:
+            change(mlp)
+        return mlp
+
+    def plain_weight(mlp):
+        W = mlp.layers[1].weight.detach().clone().requires_grad_()
+        del mlp.layers[1].weight
+        mlp.layers[1].weight = W
+
+    def broadcast_bias(mlp):
+        mlp.layers[0].bias = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    cases = {f"usual {d}": (net(d), x.to(d), True)
+             for d in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
+    cases.update({
+        "no bias": (net(bias=False), x, True),
+        "leading dims": (net(), torch.randn(2, 3, 5, dtype=torch.float64), True),
+        "strided input": (net(), torch.randn(5, 4, dtype=torch.float64).t(), True),
+        "tensor subclass input": (net(), torch.nn.Parameter(x.clone()), True),
+        "backward hook (not MLP's to see)": (net(change=lambda m: m.layers[1]
+                                               .register_full_backward_hook(
+                                                   lambda *a: None)), x, True),
+        "forward hook": (net(change=lambda m: m.layers[1].register_forward_hook(
+            lambda *a: None)), x, False),
+        "forward pre-hook": (net(change=lambda m: m.layers[0].register_forward_pre_hook(
+            lambda *a: None)), x, False),
+        "parametrized": (net(change=lambda m: torch.nn.utils.parametrizations.weight_norm(
+            m.layers[1])), x, False),
+        "plain tensor weight": (net(change=plain_weight), x, False),
+        "broadcast bias": (net(change=broadcast_bias), x, False),
+        "input dtype": (net(), x.float(), False),
+        "input width": (net(), torch.randn(4, 6, dtype=torch.float64), False),
+        "0-dim input": (net(), torch.tensor(1.0, dtype=torch.float64), False),
+        "integer input": (net(), torch.ones(4, 5, dtype=torch.int64), False),
+        "complex input": (net(), torch.randn(4, 5, dtype=torch.complex128), False),
+        "sparse input": (net(), x.to_sparse(), False),
+        "list input": (net(), x.tolist(), False),
+    })
+    return cases
+
+
+@pytest.mark.parametrize("case", sorted(_mlp_cases()))
+def test_mlp_flat_in_cpp_confirms_only_what_the_python_checks_pass(case):
+    """native mlp_flat gives MLP._flat's answer where _flat and check_linear_args pass the call
+    as the usual one, and None elsewhere (the Python then decides, and explains)."""
+    from manualbp.linear import check_linear_args
+
+    mlp, x, usual = _mlp_cases()[case]
+    mine = native.lib().mlp_flat(mlp._modules["layers"]._modules, x)
+    try:
+        ref = mlp._flat()
+        check_linear_args("MLP", x, ref[0][0], ref[0][1])
+    except (TypeError, ValueError):
+        ref = None
+    if mine is not None:
+        assert ref is not None and mine[1] == ref[1] and type(mine[1]) is tuple
+        assert type(mine[0]) is list and len(mine[0]) == len(ref[0])
+        assert all(a is b for a, b in zip(mine[0], ref[0], strict=True))
+    assert (mine is not None) == usual

@@ -137,8 +137,63 @@ py::object chain_flat(py::list run, py::handle x, py::handle identity) {
   return py::make_tuple(params, py::tuple(activations), layers, py::str("backprop"));
 }
 
+// MLP._flat and check_linear_args' usual call in one (mlp.py: MLP._run): ([W1, b1, ...],
+// activations) when every layer (layers: the ModuleList's _modules) holds its own weight and a
+// bias entry, has no forward hooks and an activation name, and x is a dense real tensor of
+// layer 1's dtype and input width (a bias, if any, of layer 1's dtype and output width); else
+// None (the Python _flat and checks then decide, and say why).
+py::object mlp_flat(py::handle layers, py::handle x) {
+  if (!PyDict_CheckExact(layers.ptr()) || !THPVariable_Check(x.ptr())) return py::none();
+  const Keys& k = keys();
+  py::list params, activations_list;
+  PyObject *key, *layer;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(layers.ptr(), &pos, &key, &layer)) {
+    PyObject* d = PyObject_GenericGetDict(layer, nullptr);  // new reference
+    if (d == nullptr) {
+      PyErr_Clear();
+      return py::none();
+    }
+    py::object dict = py::reinterpret_steal<py::object>(d);
+    PyObject* own = item(d, k.parameters);
+    PyObject* act = item(d, k.activation);
+    if (own == nullptr || !PyDict_Check(own) || act == nullptr || !PyUnicode_CheckExact(act) ||
+        !empty_dict(d, k.hooks[0]) || !empty_dict(d, k.hooks[1])) {
+      return py::none();  // forward hooks, or no activation of its own: MLP._flat says
+    }
+    PyObject* W = item(own, k.weight);
+    PyObject* b = item(own, k.bias);
+    if (W == nullptr || W == Py_None || b == nullptr) return py::none();  // a parametrization
+    params.append(py::handle(W));
+    params.append(py::handle(b));
+    activations_list.append(py::handle(act));
+  }
+  if (py::len(params) == 0) return py::none();
+  // check_linear_args' usual call, on layer 1
+  PyObject* W = PyList_GET_ITEM(params.ptr(), 0);
+  PyObject* b = PyList_GET_ITEM(params.ptr(), 1);
+  const Tensor& input = THPVariable_Unpack(x.ptr());
+  if (!THPVariable_Check(W) || input.is_nested()) return py::none();
+  const Tensor& w = THPVariable_Unpack(W);
+  const at::ScalarType dtype = w.scalar_type();
+  if (input.scalar_type() != dtype || !real_dtype(dtype) || w.dim() != 2 || input.dim() == 0 ||
+      input.size(-1) != w.size(1) || input.layout() != at::kStrided ||
+      w.layout() != at::kStrided) {
+    return py::none();
+  }
+  if (b != Py_None) {
+    if (!THPVariable_Check(b)) return py::none();
+    const Tensor& bias = THPVariable_Unpack(b);
+    if (bias.scalar_type() != dtype || bias.dim() != 1 || bias.size(0) != w.size(0)) {
+      return py::none();
+    }
+  }
+  return py::make_tuple(params, py::tuple(activations_list));
+}
+
 void bind_dispatch(py::module_& m) {
   m.def("chain_flat", &chain_flat, py::arg("run"), py::arg("x"), py::arg("identity"));
+  m.def("mlp_flat", &mlp_flat, py::arg("layers"), py::arg("x"));
 }
 
 }  // namespace manualbp
