@@ -10,7 +10,8 @@ of Linears goes through one call of the MLP node (manualbp.mlp.run_node, what mb
 one autograd node instead of one per layer, one Python call instead of one nn.Module call per
 child. Same kernels in the same order, so the same bits. Whatever the node would not do exactly
 as the layers do runs layer by layer, nn.Sequential's way, decided afresh at every call (nothing
-is cached, so a parameter replaced, frozen or cast, a hook added, shows at once):
+is cached, so a parameter replaced, frozen or cast, a hook added, shows at once; where the C++
+core is built, native chain_flat confirms the usual run in C++, and _flat decides the rest):
     hooks on the Sequential, on any module of the run, or global module hooks; torch.func,
     torch.compile, torch.jit tracing or forward-mode AD; layers that differ in rule, or direct
     feedback alignment; a layer twice in the run; a weight or bias that is not the layer's own
@@ -29,6 +30,7 @@ from torch.nn.modules import module as _module
 from manualbp.apply import tracing
 from manualbp.mlp import run_node
 from manualbp.modules import Linear
+from manualbp.native import lib as _native_lib
 from manualbp.rules import DFA, PER_LAYER, RULES, feedback_of
 
 _Identity = nn.Identity
@@ -96,7 +98,8 @@ def has_run(seq: nn.Module) -> bool:
 def run_chain(run: list[nn.Module], x: Tensor) -> Tensor:
     """x through run (Linears and the Identities between them) as one node when that gives what
     the layers give, else layer by layer."""
-    flat = _flat(run, x)
+    lib = _native_lib()  # its chain_flat confirms the usual run in C++, else _flat decides
+    flat = (lib.chain_flat(run, x, _Identity) if lib is not None else None) or _flat(run, x)
     if flat is not None:
         params, activations, layers, rule = flat
         last = None

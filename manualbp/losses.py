@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from manualbp.apply import apply, forward_mode, with_jvp
+from manualbp.apply import _any_autocast, apply, forward_mode, tracing, with_jvp
 from manualbp.loss_checks import (
     check_bce,
     check_cross_entropy,
@@ -21,6 +21,7 @@ from manualbp.loss_checks import (
     plain_cross_entropy,
 )
 from manualbp.native import eager as _native
+from manualbp.native import lib as _native_lib
 
 
 def _scale(grad: Tensor, reduction: str, denom) -> Tensor:
@@ -177,6 +178,16 @@ def softmax_cross_entropy(
         reduction: "mean" (over examples, weighted as torch does), "sum" or "none".
         label_smoothing: eps in [0, 1]: targets become (1 - eps) y + eps / C.
     """
+    if (weight is None and type(label_smoothing) is float and label_smoothing == 0.0
+            and not _any_autocast() and not tracing()):  # the usual call, checked in C++
+        lib = _native_lib()
+        if lib is not None:
+            try:  # None: not the usual call (shapes, dtypes, layouts), for the checks below
+                loss = lib.softmax_ce_plain(input, target, ignore_index, reduction)
+            except (IndexError, RuntimeError):  # refused: again below, which says why
+                loss = None
+            if loss is not None:
+                return loss
     given = target  # the checks below see it as given, if the kernel refuses
     if plain_cross_entropy(input, target, weight, reduction, label_smoothing):
         z, shape = input, None  # float32/64 (N, C), int64 (N,): nothing to flatten or cast

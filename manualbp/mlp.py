@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from manualbp.activations import check_activation
-from manualbp.apply import apply, autocast_dtype, c_apply, cast_all, tracing
+from manualbp.apply import _any_autocast, apply, autocast_dtype, c_apply, cast_all, tracing
 from manualbp.backprop import (
     backward_pass,
     forward_pass,
@@ -27,6 +27,7 @@ from manualbp.per_example import active
 from manualbp.rules import DFA, DIRECT, PER_LAYER, attach, check_rule, feedback_of
 
 _EAGER_DTYPES = (torch.float32, torch.float64)
+_is_compiling = torch.compiler.is_compiling
 _NO_CONTEXT = contextlib.nullcontext()
 _eager_apply = c_apply(MLPEagerFunction)
 
@@ -270,9 +271,21 @@ class MLP(nn.Module):
     def _run(self, x: Tensor, target: Tensor | None, trace: Trace | None):
         """(logits, loss or None) as one node (run_node), with the rule's matrices; on a
         kernel's refusal, say which layer is at fault."""
-        params, activations = self._flat()
-        check_linear_args("MLP", x, params[0], params[1])
+        # native mlp_flat confirms the usual call in C++, else the Python decides (and explains);
+        # torch.compile traces the Python (a C++ call there is a graph break)
+        lib = None if _is_compiling() else _native_lib()
+        flat = lib.mlp_flat(self._modules["layers"]._modules, x) if lib is not None else None
+        if flat is None:
+            params, activations = self._flat()
+            check_linear_args("MLP", x, params[0], params[1])
+        else:
+            params, activations = flat
         try:
+            if (trace is None and self.rule == "backprop" and not _any_autocast()
+                    and x.dtype in _EAGER_DTYPES and active() is None and not tracing()):
+                if lib is not None:  # the usual call: run_node's first case, less around it
+                    out = lib.mlp(x, target, activations, params)
+                    return (out[0], None) if target is None else out
             # no backward can follow a forward without grad mode: the rule's B is not needed
             feedback, source = self._feedback() if torch.is_grad_enabled() else (None, None)
             return run_node(x, target, trace, params, activations, self._modules["layers"],

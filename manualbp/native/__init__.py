@@ -27,7 +27,8 @@ from manualbp.rules import RULES
 
 _log = logging.getLogger("manualbp")
 _HERE = Path(__file__).resolve().parent
-_SOURCES = ("backprop.cpp", "functions.cpp", "losses.cpp", "per_example.cpp", "sign_feedback.cpp")
+_SOURCES = ("backprop.cpp", "dispatch.cpp", "functions.cpp", "losses.cpp", "per_example.cpp",
+            "sign_feedback.cpp")
 _DTYPES = (torch.float32, torch.float64)
 _CHOICES = {"": "auto", "auto": "auto", "1": "1", "0": "0"}
 

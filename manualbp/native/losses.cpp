@@ -2,6 +2,7 @@
 // (every option), sigmoid binary cross-entropy and MSE, each backward its hand-written delta[L].
 // Same saved tensors, same kernels, same order as the Python Functions.
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "backprop.h"
@@ -174,7 +175,31 @@ struct MSENode : torch::autograd::Function<MSENode> {
   }
 };
 
+// softmax_cross_entropy's usual call (loss_checks.plain_cross_entropy, told in C++, where each
+// tensor read costs nanoseconds rather than Python's ~50): (N, C) dense float32/float64 logits and
+// (N,) dense int64 class indices (neither nested) with a known reduction; the caller has seen
+// no weight and no smoothing. The loss, or None for any other call (the Python checks then say
+// what is wrong or flatten it). N == len(target) is left to the kernel, as in Python.
+py::object softmax_ce_plain(py::handle input, py::handle target, int64_t ignore_index,
+                            const std::string& reduction) {
+  if (!THPVariable_Check(input.ptr()) || !THPVariable_Check(target.ptr())) return py::none();
+  const Tensor& z = THPVariable_Unpack(input.ptr());
+  const Tensor& y = THPVariable_Unpack(target.ptr());
+  if (z.is_nested() || y.is_nested() || z.layout() != at::kStrided ||
+      y.layout() != at::kStrided || z.dim() != 2 || y.dim() != 1 ||
+      y.scalar_type() != at::kLong ||
+      (z.scalar_type() != at::kFloat && z.scalar_type() != at::kDouble) ||
+      (reduction != "mean" && reduction != "sum" && reduction != "none")) {
+    return py::none();
+  }
+  return py::cast(SoftmaxCENode::apply(z, y, std::nullopt, ignore_index, reduction, 0.0)[0]);
+}
+
+void bind_dispatch(py::module_& m);  // dispatch.cpp
+
 void bind_losses(py::module_& m) {
+  m.def("softmax_ce_plain", &softmax_ce_plain);
+  bind_dispatch(m);  // the usual call's checks (dispatch.cpp), bound with the losses' entries
   m.def("softmax_cross_entropy",
         [](const Tensor& z, const Tensor& target, const OptTensor& weight, int64_t ignore_index,
            const std::string& reduction, double label_smoothing) {
