@@ -20,7 +20,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from manualbp import native
+from manualbp import native, per_example_norms
 from manualbp.apply import tracing
 from manualbp.per_example_norms import _key, accumulate, clipped, group, part_sq, sq_norms
 
@@ -37,36 +37,44 @@ def active():
 
 
 class _Call:
-    """One call of a covered layer inside the block; backward fills in its a_prev and delta."""
+    """One call of a covered layer inside the block; backward fills in its a_prev and delta,
+    and for a (B, T, n) share its part of the norm (sq, dsum: per_example_norms.early)."""
 
-    __slots__ = ("W", "b", "batch", "clip", "a_prev", "delta", "rows", "native", "rows_now")
+    __slots__ = ("W", "b", "batch", "clip", "a_prev", "delta", "rows", "native", "rows_now",
+                 "grams", "sq", "dsum")
 
-    def __init__(self, W, b, batch: int, clip: bool, rows_now: bool) -> None:
+    def __init__(self, W, b, batch: int, clip: bool, rows_now: bool, grams: dict) -> None:
         self.W, self.b, self.batch, self.clip = W, b, batch, clip
         self.rows_now = rows_now  # take 2-D row norms in backward (else the C++ finish does)
-        self.a_prev = self.delta = self.rows = self.native = None
+        self.grams = grams  # the block's A A^T by _key(A) (q, k, v read one input), or None
+        self.a_prev = self.delta = self.rows = self.native = self.sq = self.dsum = None
 
     def slot(self, lib) -> int:
         """This call's slot in the C++ core, for a native node's backward to fill with
-        (delta, a_prev) in place of calling the probe; opened now, taken by harvest()."""
+        (delta, a_prev, sq, dsum) in place of calling the probe; opened now, taken by
+        harvest()."""
         self.native = lib
-        lib.open_slot(id(self))
+        lib.open_slot(id(self), self.batch, self.W is not None, self.b is not None)
         return id(self)
 
     def harvest(self) -> None:
-        """Take a native node's (delta, a_prev) from this call's slot (closing it), as though
-        layer_grads had called the probe."""
+        """Take a native node's (delta, a_prev, sq, dsum) from this call's slot (closing it),
+        as though layer_grads had called the probe."""
         lib, self.native = self.native, None
         if lib is not None:
-            delta, a_prev = lib.take_slot(id(self))
+            delta, a_prev, sq, dsum = lib.take_slot(id(self))
             if delta is not None:
-                self(delta, a_prev)
+                self.delta, self.a_prev = _detached(delta), _detached(a_prev)
+                self.sq, self.dsum = sq, dsum
 
     def __call__(self, delta: Tensor, a_prev: Tensor | None) -> bool:
         self.delta, self.a_prev = delta, a_prev = _detached(delta), _detached(a_prev)
-        if self.rows_now and delta.dim() == 2 and delta.shape[0] == self.batch:
-            self.rows = (_norm(delta, dim=1),  # 2-D: the row norms now, while delta and a_prev
-                         None if self.W is None else _norm(a_prev, dim=1))  # are in cache
+        D, A = per_example_norms.share(delta, a_prev, self.batch)
+        if D.dim() == 3:  # (B, T, n): its part of the norm now, while D and A are in cache
+            self.sq, self.dsum = per_example_norms.early(D, A, self.W is not None,
+                                                         self.b is not None, self.grams)
+        elif self.rows_now:  # 2-D: the row norms now, while delta and a_prev are in cache
+            self.rows = (_norm(delta, dim=1), None if self.W is None else _norm(a_prev, dim=1))
         return self.clip  # clipping: the block forms grad_W, grad_b at exit
 
 
@@ -174,6 +182,7 @@ class PerExample:
                 "leaves some unclipped is not DP: convert them, freeze them, or leave max_norm "
                 "unset to get norms alone")
         self._calls: list[_Call] = []
+        self._grams: dict = {}  # _key(A) -> A A^T, formed in backward (per_example_norms.early)
         self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self._no_sync = None
         self.norms: Tensor | None = None
@@ -207,7 +216,8 @@ class PerExample:
             raise ValueError(
                 f"per_example: expected input with a batch dim, shape (B, *, n_in), got "
                 f"{tuple(a_prev.shape)}; give it one with x.unsqueeze(0)")
-        call = _Call(W, b, a_prev.shape[0], self.clip, self._lib is None)
+        grams = None if traced_ok and tracing() else self._grams  # _key reads data_ptr()
+        call = _Call(W, b, a_prev.shape[0], self.clip, self._lib is None, grams)
         self._calls.append(call)
         return call
 
@@ -239,7 +249,7 @@ class PerExample:
             self._no_sync.__exit__(kind, value, tb)
         if kind is None:
             self._finish()
-        self._calls = []
+        self._calls, self._grams = [], {}
 
     def _finish(self) -> None:
         calls = [c for c in self._calls if c.delta is not None]
@@ -277,12 +287,12 @@ class PerExample:
             total, self._sq = sq_norms(shares, known)
             norms = total.sqrt_()
         for c in self._calls:  # the shares hold what is still needed; drop the rest
-            c.delta = c.a_prev = c.rows = None
+            c.delta = c.a_prev = c.rows = c.sq = c.dsum = None
         del calls
         self._by_param = None
         self.norms = norms if scale == 1.0 else norms.mul_(scale)
         if self.grads:
-            for p, kind, D, A in shares.values():
+            for p, kind, D, A, _ in shares.values():
                 D3 = D.reshape(batch, -1, D.shape[-1])
                 g = torch.bmm(D3.transpose(1, 2), A.reshape(batch, -1, A.shape[-1])) \
                     if kind == "W" else D3.sum(1)
@@ -301,10 +311,10 @@ class PerExample:
         else:
             shares = group(calls, batch)
             keys = list(shares)
-            params, kinds, Ds, As = (list(v) for v in zip(*shares.values(), strict=True))
+            params, kinds, Ds, As, pres = (list(v) for v in zip(*shares.values(), strict=True))
             del shares
         for c in self._calls:
-            c.delta = c.a_prev = c.rows = None
+            c.delta = c.a_prev = c.rows = c.sq = c.dsum = None
         self._by_param = None
         if stacked:
             self.norms, S = self._lib.finish_rows(deltas, a_prevs, Ws, bs, bs[0] is not None,
@@ -312,7 +322,7 @@ class PerExample:
             self._sq = (Ws, bs, S)  # norms_by_param reads them when asked
             return
         self.norms, S, parts = self._lib.finish_shares(params, [k == "W" for k in kinds], Ds,
-                                                       As, scale, self.max_norm)
+                                                       As, pres, scale, self.max_norm)
         self._sq = {key: (sq, None, None) if sq is not None else (S, i, None if j < 0 else j)
                     for key, (sq, i, j) in zip(keys, parts, strict=True)}
 

@@ -1,0 +1,120 @@
+"""A (B, T, n) share's part of the norm is formed in backward, while delta and a_prev are in
+cache (per_example_norms.early; the C++ slots' early_share), not at the block's end.
+
+On both backends: every single-call (B, T, n) share reaches the finish with its part (a W's
+squared norm, a b's sum over T), a reused layer's shares without (its calls stack along T), and
+the finish fed those parts gives the same bits as the finish forming them itself.
+"""
+
+import importlib
+
+import pytest
+import torch
+from test_native import assert_equal
+from test_native_per_example import in_block
+from test_per_example import Attention, mb_linear
+
+import manualbp as mb
+
+pe_module = importlib.import_module("manualbp.per_example")
+
+
+def spy_on_group(monkeypatch, strip=False):
+    """[(name, D.dim(), has pre)] of every share group() makes (strip: drop each pre, so the
+    finish forms every part itself, as before the parts moved into backward)."""
+    seen, real = [], pe_module.group
+
+    def group(calls, batch):
+        shares = real(calls, batch)
+        for key, (p, kind, D, A, pre) in list(shares.items()):
+            seen.append((key, kind, D.dim(), pre is not None))
+            if strip:
+                shares[key] = (p, kind, D, A, None)
+        return shares
+
+    monkeypatch.setattr(pe_module, "group", group)
+    return seen
+
+
+def attention(dtype):
+    torch.manual_seed(11)
+    return Attention(6, True, mb_linear(dtype))  # T = 4: the Gram form, q, k, v on one input
+
+
+def reused_stack(dtype):
+    """Three mb.Linear on (B, T, n), the middle one called twice; a frozen first weight."""
+    torch.manual_seed(9)
+    first, middle, last = (mb.Linear(5, 6, activation="tanh", dtype=dtype),
+                           mb.Linear(6, 6, activation="relu", dtype=dtype),
+                           mb.Linear(6, 4, dtype=dtype))
+    first.weight.requires_grad_(False)
+    return torch.nn.Sequential(first, middle, middle, last), middle
+
+
+def node(dtype):
+    """An MLP node on (B, T, n): its (B T, n) rows are reshaped to (B, T, n) shares."""
+    torch.manual_seed(5)
+    return mb.MLP([5, 7, 4], activation="gelu", dtype=dtype)
+
+
+def run_of(model, x, y, g, reduction):
+    def run():
+        out = model(x)
+        loss = mb.softmax_cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1),
+                                        reduction=reduction)
+        (loss + (out * g).sum()).backward()
+        return loss.detach()
+    return run
+
+
+def case(name, dtype):
+    if name == "attention":
+        model = attention(dtype)
+        x, y = torch.randn(5, 4, 6, dtype=dtype), torch.randint(0, 3, (5,))
+        g = torch.randn(3, 5, dtype=dtype).t()  # non-contiguous, signed
+    elif name == "reused":
+        model = reused_stack(dtype)[0]
+        x, y = torch.randn(5, 3, 5, dtype=dtype), torch.randint(0, 4, (5, 3))
+        g = torch.randn(4, 5, 3, dtype=dtype).movedim(0, -1)
+    else:
+        model = node(dtype)
+        x, y = torch.randn(5, 3, 5, dtype=dtype), torch.randint(0, 4, (5, 3))
+        g = torch.randn(4, 5, 3, dtype=dtype).movedim(0, -1)
+    return model, x, y, g
+
+
+@pytest.mark.parametrize("name", ["attention", "reused", "node"])
+def test_each_single_call_share_arrives_with_its_part(name, monkeypatch):
+    model, x, y, g = case(name, torch.float64)
+    seen = spy_on_group(monkeypatch)
+    in_block(model, run_of(model, x, y, g, "mean"), max_norm=0.05)
+    assert seen, "the block's finish made no shares"
+    reused = {id(model[1].weight), id(model[1].bias)} if name == "reused" else set()
+    for key, kind, dim, has_pre in seen:
+        if dim == 2:  # 2-D rows (the head): row norms, no part
+            assert not has_pre, f"a 2-D {kind} share came with a part"
+        elif key in reused:
+            assert not has_pre, f"the reused layer's {kind} share came with one call's part"
+        else:
+            assert has_pre, f"a single-call (B, T, n) {kind} share came without its part"
+    assert any(dim == 3 for _, _, dim, _ in seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("options", [
+    {}, {"reduction": "sum"}, {"max_norm": 0.05}, {"max_norm": 1e3}, {"grads": True},
+], ids=["norms", "norms-sum", "clip", "clip-loose", "grads"])
+@pytest.mark.parametrize("name", ["attention", "reused", "node"])
+def test_the_parts_from_backward_equal_the_finishs_own(name, options, dtype, monkeypatch):
+    """Bit for bit: the finish fed the parts formed in backward, and the finish forming them."""
+    model, x, y, g = case(name, dtype)
+    run = run_of(model, x, y, g, options.get("reduction", "mean"))
+    mine = in_block(model, run, **options)
+    spy_on_group(monkeypatch, strip=True)
+    ref = in_block(model, run, **options)
+    for what, a, b in zip(("loss", "norms"), mine[:2], ref[:2], strict=True):
+        assert_equal(a, b, what)
+    for what, a, b in zip(("by param", "grad", "grad_sample"), mine[2:], ref[2:], strict=True):
+        assert a.keys() == b.keys(), what
+        for key in a:
+            assert_equal(a[key], b[key], f"{what}: {key}")
