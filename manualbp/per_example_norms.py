@@ -142,9 +142,12 @@ def part_sq(part) -> Tensor:
 def clipped(shares, norms: Tensor, max_norm: float, ddp: bool) -> None:
     """Add sum_n c_n delta_n^T a_n, c_n = min(1, C / (norm_n + 1e-6)), to each p.grad: each
     example's share re-weighted before the one GEMM the backward skipped (on the narrower of
-    delta and a_prev: the same sum). Last layer first, each share freed once used, so the
-    widest gradients are formed with the least held."""
+    delta and a_prev: the same sum; a (B, T, n) A that several W shares read, as q, k, v do, is
+    weighed against all their deltas and re-weighted once). Last layer first, each share freed
+    once used, so the widest gradients are formed with the least held."""
     c = (max_norm / (norms + _EPS)).clamp_(max=1.0)
+    widths, uses = _readers(shares)
+    scaled: dict[tuple, Tensor] = {}  # _key(A) -> c A (B T, n_in), while a share still reads it
     for key in reversed(list(shares)):
         p, kind, D, A, pre = shares.pop(key)
         cd = c.to(D.dtype)
@@ -157,13 +160,33 @@ def clipped(shares, norms: Tensor, max_norm: float, ddp: bool) -> None:
                 g = D.t().mm(A * cd[:, None])
         elif kind == "b":  # (B, T, n): sum_n c_n sum_t delta_t
             g = (D.sum(1) if pre is None else pre).t().mv(cd)
-        elif D.shape[2] <= A.shape[2]:  # a (B, T, n) W
-            g = (D * cd[:, None, None]).reshape(-1, D.shape[2]).t().mm(
-                A.reshape(-1, A.shape[2]))  # (B T, n_out)^T (B T, n_in)
-        else:
-            g = D.reshape(-1, D.shape[2]).t().mm((A * cd[:, None, None]).reshape(-1, A.shape[2]))
+        else:  # a (B, T, n) W: (B T, n_out)^T (B T, n_in)
+            k = _key(A)
+            if widths[k] <= A.shape[2]:
+                g = (D * cd[:, None, None]).reshape(-1, D.shape[2]).t().mm(
+                    A.reshape(-1, A.shape[2]))
+            else:
+                cA = scaled.get(k)
+                if cA is None:
+                    cA = scaled[k] = (A * cd[:, None, None]).reshape(-1, A.shape[2])
+                g = D.reshape(-1, D.shape[2]).t().mm(cA)
+                uses[k] -= 1
+                if not uses[k]:
+                    del scaled[k], cA
         del D, A, pre
         accumulate(p, g, ddp)
+
+
+def _readers(shares) -> tuple[dict, dict]:
+    """({_key(A): sum of n_out}, {_key(A): count}) over the (B, T, n) W shares, by their A."""
+    widths: dict[tuple, int] = {}
+    uses: dict[tuple, int] = {}
+    for _, kind, D, A, _ in shares.values():
+        if kind == "W" and D.dim() == 3:
+            k = _key(A)
+            widths[k] = widths.get(k, 0) + D.shape[2]
+            uses[k] = uses.get(k, 0) + 1
+    return widths, uses
 
 
 def _sq_norm(D: Tensor, A: Tensor, grams: dict | None = None) -> Tensor:

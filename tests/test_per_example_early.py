@@ -38,7 +38,7 @@ def spy_on_group(monkeypatch, strip=False):
 
 def attention(dtype):
     torch.manual_seed(11)
-    return Attention(6, True, mb_linear(dtype))  # T = 4: the Gram form, q, k, v on one input
+    return Attention(12, True, mb_linear(dtype))  # T = 4: the Gram form, q, k, v on one input
 
 
 def reused_stack(dtype):
@@ -70,7 +70,7 @@ def run_of(model, x, y, g, reduction):
 def case(name, dtype):
     if name == "attention":
         model = attention(dtype)
-        x, y = torch.randn(5, 4, 6, dtype=dtype), torch.randint(0, 3, (5,))
+        x, y = torch.randn(5, 4, 12, dtype=dtype), torch.randint(0, 3, (5,))
         g = torch.randn(3, 5, dtype=dtype).t()  # non-contiguous, signed
     elif name == "reused":
         model = reused_stack(dtype)[0]
@@ -118,3 +118,21 @@ def test_the_parts_from_backward_equal_the_finishs_own(name, options, dtype, mon
         assert a.keys() == b.keys(), what
         for key in a:
             assert_equal(a[key], b[key], f"{what}: {key}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_input_several_layers_read_is_reweighted_once(dtype):
+    """The clip re-weights the narrower side of each (B, T, n) W share, and q, k, v's shared
+    input once for all three (its width against their summed widths): o, down (narrower delta),
+    up (narrower input) and q, k, v make 4 re-weightings of a (B, T, n) tensor, not 6."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, x, y, g = case("attention", dtype)
+    pe = mb.per_example(model, max_norm=0.05).__enter__()
+    run_of(model, x, y, g, "mean")()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        pe.__exit__(None, None, None)  # the block's end: the finish
+    reweighted = [e for e in prof.events() if e.name == "aten::mul"
+                  and len(e.input_shapes[0]) == 3 and e.input_shapes[1][1:] == [1, 1]]
+    assert len(reweighted) == 4, [e.input_shapes for e in reweighted]
+    assert pe.norms.shape == (5,)

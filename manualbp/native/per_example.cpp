@@ -288,10 +288,20 @@ std::tuple<Tensor, Tensor, std::vector<Part>> sq_norms(const std::vector<Share>&
 }
 
 // per_example_norms.clipped: each share re-weighted by c before the one GEMM the backward
-// skipped, last share first, each freed once used.
+// skipped, last share first, each freed once used; a (B, T, n) A that several W shares read is
+// weighed against all their deltas and re-weighted once (_readers).
 void clipped(std::vector<Share>& shares, const Tensor& norms, double max_norm) {
   Tensor c = at::reciprocal(at::add(norms, kEps)).mul(max_norm);
   c.clamp_(std::nullopt, 1.0);
+  std::map<Key, int64_t> widths, uses;  // by key_of(A): sum of n_out, count
+  for (const Share& share : shares) {
+    if (share.is_W && share.D.dim() == 3) {
+      Key k = key_of(share.A);
+      widths[k] += share.D.size(2);
+      uses[k] += 1;
+    }
+  }
+  std::map<Key, Tensor> scaled;  // key_of(A) -> c A (B T, n_in), while a share still reads it
   for (size_t s = shares.size(); s-- > 0;) {
     Share share = std::move(shares[s]);
     Tensor D = std::move(share.D), A = std::move(share.A), pre = std::move(share.pre);
@@ -307,10 +317,19 @@ void clipped(std::vector<Share>& shares, const Tensor& norms, double max_norm) {
       }
     } else if (!share.is_W) {  // (B, T, n): sum_n c_n sum_t delta_t
       g = (pre.defined() ? pre : D.sum(1)).t().mv(cd);
-    } else if (D.size(2) <= A.size(2)) {  // a (B, T, n) W
-      g = D.mul(cd.view({-1, 1, 1})).reshape({-1, D.size(2)}).t().mm(A.reshape({-1, A.size(2)}));
-    } else {
-      g = D.reshape({-1, D.size(2)}).t().mm(A.mul(cd.view({-1, 1, 1})).reshape({-1, A.size(2)}));
+    } else {  // a (B, T, n) W: (B T, n_out)^T (B T, n_in)
+      Key k = key_of(A);
+      if (widths[k] <= A.size(2)) {
+        g = D.mul(cd.view({-1, 1, 1})).reshape({-1, D.size(2)}).t().mm(
+            A.reshape({-1, A.size(2)}));
+      } else {
+        auto it = scaled.find(k);
+        if (it == scaled.end()) {
+          it = scaled.emplace(k, A.mul(cd.view({-1, 1, 1})).reshape({-1, A.size(2)})).first;
+        }
+        g = D.reshape({-1, D.size(2)}).t().mm(it->second);
+        if (--uses[k] == 0) scaled.erase(it);
+      }
     }
     D.reset();
     A.reset();
