@@ -38,23 +38,43 @@ def active():
 
 class _Call:
     """One call of a covered layer inside the block; backward fills in its a_prev and delta,
-    and for a (B, T, n) share its part of the norm (sq, dsum: per_example_norms.early)."""
+    and for a (B, T, n) share its part of the norm (sq, dsum: per_example_norms.early). drop:
+    once that part is formed, nothing else will read delta and a_prev (norms alone, a layer
+    called once), so they are let go in backward, as a plain backward frees them (dropped)."""
 
     __slots__ = ("W", "b", "batch", "clip", "a_prev", "delta", "rows", "native", "rows_now",
-                 "grams", "sq", "dsum")
+                 "grams", "sq", "dsum", "drop", "dropped")
 
-    def __init__(self, W, b, batch: int, clip: bool, rows_now: bool, grams: dict) -> None:
+    def __init__(self, W, b, batch: int, clip: bool, rows_now: bool, grams: dict,
+                 drop: bool) -> None:
         self.W, self.b, self.batch, self.clip = W, b, batch, clip
         self.rows_now = rows_now  # take 2-D row norms in backward (else the C++ finish does)
         self.grams = grams  # the block's A A^T by _key(A) (q, k, v read one input), or None
         self.a_prev = self.delta = self.rows = self.native = self.sq = self.dsum = None
+        self.drop, self.dropped = drop, False
+
+    def keep(self) -> None:
+        """Keep delta and a_prev after all: another call of the layer stacks with this one."""
+        self.drop = False
+        if self.native is not None and self.native.keep_slot(id(self)):
+            self.dropped = True
+        if self.dropped:
+            raise RuntimeError(
+                "per_example: a layer ran again after its backward inside a norms block, so "
+                "its calls cannot be stacked; run every forward before the backward, or one "
+                "forward and backward per block")
+
+    @property
+    def filled(self) -> bool:
+        """Whether a backward reached this call."""
+        return self.delta is not None or self.dropped
 
     def slot(self, lib) -> int:
         """This call's slot in the C++ core, for a native node's backward to fill with
         (delta, a_prev, sq, dsum) in place of calling the probe; opened now, taken by
         harvest()."""
         self.native = lib
-        lib.open_slot(id(self), self.batch, self.W is not None, self.b is not None)
+        lib.open_slot(id(self), self.batch, self.W is not None, self.b is not None, self.drop)
         return id(self)
 
     def harvest(self) -> None:
@@ -65,7 +85,8 @@ class _Call:
             delta, a_prev, sq, dsum = lib.take_slot(id(self))
             if delta is not None:
                 self.delta, self.a_prev = _detached(delta), _detached(a_prev)
-                self.sq, self.dsum = sq, dsum
+            self.dropped = delta is None and (sq is not None or dsum is not None)
+            self.sq, self.dsum = sq, dsum
 
     def __call__(self, delta: Tensor, a_prev: Tensor | None) -> bool:
         self.delta, self.a_prev = delta, a_prev = _detached(delta), _detached(a_prev)
@@ -73,6 +94,9 @@ class _Call:
         if D.dim() == 3:  # (B, T, n): its part of the norm now, while D and A are in cache
             self.sq, self.dsum = per_example_norms.early(D, A, self.W is not None,
                                                          self.b is not None, self.grams)
+            if self.drop:
+                self.delta = self.a_prev = None
+                self.dropped = True
         elif self.rows_now:  # 2-D: the row norms now, while delta and a_prev are in cache
             self.rows = (_norm(delta, dim=1), None if self.W is None else _norm(a_prev, dim=1))
         return self.clip  # clipping: the block forms grad_W, grad_b at exit
@@ -183,6 +207,8 @@ class PerExample:
                 "unset to get norms alone")
         self._calls: list[_Call] = []
         self._grams: dict = {}  # _key(A) -> A A^T, formed in backward (per_example_norms.early)
+        self._drop = not self.clip and not grads  # whether a call may let its share go early
+        self._seen: dict[int, _Call] = {}  # id(param) -> its first call (while _drop)
         self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self._no_sync = None
         self.norms: Tensor | None = None
@@ -217,7 +243,13 @@ class PerExample:
                 f"per_example: expected input with a batch dim, shape (B, *, n_in), got "
                 f"{tuple(a_prev.shape)}; give it one with x.unsqueeze(0)")
         grams = None if traced_ok and tracing() else self._grams  # _key reads data_ptr()
-        call = _Call(W, b, a_prev.shape[0], self.clip, self._lib is None, grams)
+        call = _Call(W, b, a_prev.shape[0], self.clip, self._lib is None, grams, self._drop)
+        for p in (W, b):
+            if p is not None and self._drop:
+                first = self._seen.setdefault(id(p), call)
+                if first is not call:  # a reused layer: its calls stack, each keeps its share
+                    call.drop = False
+                    first.keep()
         self._calls.append(call)
         return call
 
@@ -249,10 +281,10 @@ class PerExample:
             self._no_sync.__exit__(kind, value, tb)
         if kind is None:
             self._finish()
-        self._calls, self._grams = [], {}
+        self._calls, self._grams, self._seen = [], {}, {}
 
     def _finish(self) -> None:
-        calls = [c for c in self._calls if c.delta is not None]
+        calls = [c for c in self._calls if c.filled]
         if not calls:
             if self._calls:
                 raise RuntimeError(
@@ -344,7 +376,7 @@ def _stackable(calls) -> bool:
     bias = calls[0].b is not None
     batch = calls[0].batch
     for c in calls:
-        if c.W is None or (c.b is not None) != bias or c.delta.dim() != 2 \
+        if c.dropped or c.W is None or (c.b is not None) != bias or c.delta.dim() != 2 \
                 or c.delta.shape[0] != batch or c.a_prev.dim() != 2:
             return False
     n = len(calls)

@@ -35,8 +35,9 @@ def group(calls, batch):
     """id(param) -> (param, "W" or "b", D, A or None, pre). A parameter with one call keeps its
     delta D (B, *, n_out) and a_prev A (B, *, n_in) as share() makes them (D, A 2-D or
     (B, T, n)), and pre: what its probe formed in backward (early(): sq for a W, dsum for a b),
-    or None; a parameter called more than once has every call stacked along T (a reused layer
-    adds rows to each example), and no pre."""
+    or None (D and A are None where the call let them go: only pre is read); a parameter called
+    more than once has every call stacked along T (a reused layer adds rows to each example),
+    and no pre."""
     parts: dict[int, tuple] = {}
     for c in calls:
         if c.W is not None:
@@ -47,7 +48,7 @@ def group(calls, batch):
     for key, (p, kind, cs) in parts.items():
         pre = None
         if len(cs) == 1:
-            D, A = share(cs[0].delta, cs[0].a_prev, batch)
+            D, A = (None, None) if cs[0].dropped else share(cs[0].delta, cs[0].a_prev, batch)
             pre = cs[0].sq if kind == "W" else cs[0].dsum
         else:
             D = torch.cat([c.delta.reshape(batch, -1, c.delta.shape[-1]) for c in cs], 1)
@@ -87,7 +88,7 @@ def sq_norms(shares, known=None) -> tuple[Tensor, dict]:
         return i
 
     for key, (_, kind, D, A, pre) in shares.items():  # pre: formed in backward (early())
-        if D.dim() == 2:
+        if pre is None and D.dim() == 2:
             pairs.append((key, row(D), row(A) if kind == "W" else None))
         elif kind == "W":
             sqs[key] = _sq_norm(D, A, grams) if pre is None else pre

@@ -20,19 +20,27 @@ pe_module = importlib.import_module("manualbp.per_example")
 
 
 def spy_on_group(monkeypatch, strip=False):
-    """[(name, D.dim(), has pre)] of every share group() makes (strip: drop each pre, so the
-    finish forms every part itself, as before the parts moved into backward)."""
+    """[(id(param), kind, D.dim() or None where the call let D go, has pre)] of every share
+    group() makes (strip: drop each pre and keep every D, so the finish forms every part
+    itself, as before the parts moved into backward)."""
     seen, real = [], pe_module.group
 
     def group(calls, batch):
         shares = real(calls, batch)
         for key, (p, kind, D, A, pre) in list(shares.items()):
-            seen.append((key, kind, D.dim(), pre is not None))
+            seen.append((key, kind, None if D is None else D.dim(), pre is not None))
             if strip:
                 shares[key] = (p, kind, D, A, None)
         return shares
 
     monkeypatch.setattr(pe_module, "group", group)
+    if strip:  # the calls keep delta and a_prev, for the finish to form every part from them
+        enter = pe_module.PerExample.__enter__
+
+        def keeping(self):
+            self._drop = False
+            return enter(self)
+        monkeypatch.setattr(pe_module.PerExample, "__enter__", keeping)
     return seen
 
 
@@ -83,21 +91,43 @@ def case(name, dtype):
     return model, x, y, g
 
 
+@pytest.mark.parametrize("options", [{"max_norm": 0.05}, {}, {"grads": True}],
+                         ids=["clip", "norms", "grads"])
 @pytest.mark.parametrize("name", ["attention", "reused", "node"])
-def test_each_single_call_share_arrives_with_its_part(name, monkeypatch):
+def test_each_single_call_share_arrives_with_its_part(name, options, monkeypatch):
+    """... and, in a block of norms alone, without its delta and a_prev (let go in backward,
+    as a plain backward frees them); the clip and per-example gradients still read them."""
     model, x, y, g = case(name, torch.float64)
     seen = spy_on_group(monkeypatch)
-    in_block(model, run_of(model, x, y, g, "mean"), max_norm=0.05)
+    in_block(model, run_of(model, x, y, g, "mean"), **options)
     assert seen, "the block's finish made no shares"
     reused = {id(model[1].weight), id(model[1].bias)} if name == "reused" else set()
+    let_go = not options  # norms alone
     for key, kind, dim, has_pre in seen:
         if dim == 2:  # 2-D rows (the head): row norms, no part
             assert not has_pre, f"a 2-D {kind} share came with a part"
         elif key in reused:
             assert not has_pre, f"the reused layer's {kind} share came with one call's part"
+            assert dim == 3, f"the reused layer's {kind} share came without its stacked delta"
         else:
             assert has_pre, f"a single-call (B, T, n) {kind} share came without its part"
-    assert any(dim == 3 for _, _, dim, _ in seen)
+            assert (dim is None) == let_go, f"a single-call {kind} share: D {dim}, {options}"
+    assert any(dim != 2 for _, _, dim, _ in seen)
+
+
+@pytest.mark.parametrize("name", ["reused", "attention"])
+def test_a_layer_run_again_after_its_backward_is_refused_in_a_norms_block(name):
+    """Its first call let its share go in backward, so the two cannot be stacked: one line that
+    says so (a clip block keeps every share, and stacks them)."""
+    model, x, y, g = case(name, torch.float64)
+    with pytest.raises(RuntimeError, match="a layer ran again after its backward"):
+        with mb.per_example(model):
+            run_of(model, x, y, g, "mean")()
+            model(x)
+    with mb.per_example(model, max_norm=0.05) as pe:
+        run_of(model, x, y, g, "mean")()
+        run_of(model, x, y, g, "mean")()
+    assert pe.norms.shape == (5,)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

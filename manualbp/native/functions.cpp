@@ -63,6 +63,8 @@ namespace {
 struct Slot {
   int64_t batch = 0;  // the call's B (dim 0 of its input)
   bool W = false, b = false;  // which of the layer's parameters the block covers
+  bool drop = false;  // once sq and dsum are formed, let delta and a_prev go (_Call.drop)
+  bool dropped = false;
   std::vector<Tensor> shares;  // delta, a_prev, sq, dsum once filled
 };
 std::mutex slots_mutex;
@@ -75,13 +77,28 @@ void fill(int64_t slot, const Probe& probe) {
   if (it == slots.end()) return;
   Slot& s = it->second;
   auto [sq, dsum] = early_share(probe.delta, probe.a_prev, s.batch, s.W, s.b);
-  s.shares = {probe.delta, probe.a_prev, sq, dsum};
+  s.dropped = s.drop && (sq.defined() || dsum.defined());  // a (B, T, n) share: parts formed
+  if (s.dropped) {
+    s.shares = {Tensor(), Tensor(), sq, dsum};
+  } else {
+    s.shares = {probe.delta, probe.a_prev, sq, dsum};
+  }
 }
 }  // namespace
 
-void open_slot(int64_t slot, int64_t batch, bool W, bool b) {
+void open_slot(int64_t slot, int64_t batch, bool W, bool b, bool drop) {
   std::lock_guard<std::mutex> lock(slots_mutex);
-  slots[slot] = Slot{batch, W, b, {}};
+  slots[slot] = Slot{batch, W, b, drop, false, {}};
+}
+
+// Keep the slot's delta and a_prev when it is filled (another call of the layer stacks with
+// it); true when a backward already let them go.
+bool keep_slot(int64_t slot) {
+  std::lock_guard<std::mutex> lock(slots_mutex);
+  auto it = slots.find(slot);
+  if (it == slots.end()) return false;
+  it->second.drop = false;
+  return it->second.dropped;
 }
 
 // (delta, a_prev, sq, dsum), each undefined where not formed (all four when no backward reached
@@ -337,7 +354,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                 grad && need_W, slot, clip);
   }, py::arg("a_prev"), py::arg("W"), py::arg("b"), py::arg("activation"),
         py::arg("B") = py::none(), py::arg("slot") = -1, py::arg("clip") = false);
-  m.def("open_slot", &open_slot, py::arg("slot"), py::arg("batch"), py::arg("W"), py::arg("b"));
+  m.def("open_slot", &open_slot, py::arg("slot"), py::arg("batch"), py::arg("W"), py::arg("b"),
+        py::arg("drop"));
+  m.def("keep_slot", &keep_slot);
   m.def("take_slot", &take_slot);
   bind_losses(m);
   bind_per_example(m);

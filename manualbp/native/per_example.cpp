@@ -260,8 +260,8 @@ std::tuple<Tensor, Tensor, std::vector<Part>> sq_norms(const std::vector<Share>&
   };
   for (size_t s = 0; s < shares.size(); ++s) {
     const Share& share = shares[s];
-    const Tensor& D = share.D;
-    if (D.dim() == 2) {
+    const Tensor& D = share.D;  // undefined where the call let it go (pre is then defined)
+    if (!share.pre.defined() && D.dim() == 2) {
       parts[s].i = row(D, true);
       if (share.is_W) parts[s].j = row(share.A, true);
       paired.push_back(s);
