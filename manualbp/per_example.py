@@ -8,7 +8,9 @@ example is a slice along dim 0 and
     ||G_n||^2 = sum_{t,s} (a_t . a_s)(delta_t . delta_s)     (Gram form, cost B T^2 (n_in + n_out))
               = ||delta_n^T a_n||_F^2                        (outer form, cost B T n_in n_out)
 
-whichever is cheaper for the layer. DP-SGD clips with c_n = min(1, C / (||g_n|| + 1e-6)), a
+whichever is cheaper for the layer, formed in that layer's backward while delta and a_prev are
+in cache (in a block of norms alone the layer then lets them go, as a plain backward does).
+DP-SGD clips with c_n = min(1, C / (||g_n|| + 1e-6)), a
 coefficient over all layers at once: each covered layer's probe keeps (a_prev, delta) from the
 backward, and when the block exits grad_W = (c * delta)^T a_prev is the one GEMM the backward
 would have done for that layer (it skipped it). A layer called twice adds its second call's rows
