@@ -8,7 +8,9 @@ example is a slice along dim 0 and
     ||G_n||^2 = sum_{t,s} (a_t . a_s)(delta_t . delta_s)     (Gram form, cost B T^2 (n_in + n_out))
               = ||delta_n^T a_n||_F^2                        (outer form, cost B T n_in n_out)
 
-whichever is cheaper for the layer. DP-SGD clips with c_n = min(1, C / (||g_n|| + 1e-6)), a
+whichever is cheaper for the layer, formed in that layer's backward while delta and a_prev are
+in cache (in a block of norms alone the layer then lets them go, as a plain backward does).
+DP-SGD clips with c_n = min(1, C / (||g_n|| + 1e-6)), a
 coefficient over all layers at once: each covered layer's probe keeps (a_prev, delta) from the
 backward, and when the block exits grad_W = (c * delta)^T a_prev is the one GEMM the backward
 would have done for that layer (it skipped it). A layer called twice adds its second call's rows
@@ -20,7 +22,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from manualbp import native
+from manualbp import native, per_example_norms
 from manualbp.apply import tracing
 from manualbp.per_example_norms import _key, accumulate, clipped, group, part_sq, sq_norms
 
@@ -37,36 +39,68 @@ def active():
 
 
 class _Call:
-    """One call of a covered layer inside the block; backward fills in its a_prev and delta."""
+    """One call of a covered layer inside the block; backward fills in its a_prev and delta,
+    and for a (B, T, n) share its part of the norm (sq, dsum: per_example_norms.early). drop:
+    once that part is formed, nothing else will read delta and a_prev (norms alone, a layer
+    called once), so they are let go in backward, as a plain backward frees them (dropped)."""
 
-    __slots__ = ("W", "b", "batch", "clip", "a_prev", "delta", "rows", "native", "rows_now")
+    __slots__ = ("W", "b", "batch", "clip", "a_prev", "delta", "rows", "native", "rows_now",
+                 "grams", "sq", "dsum", "drop", "dropped")
 
-    def __init__(self, W, b, batch: int, clip: bool, rows_now: bool) -> None:
+    def __init__(self, W, b, batch: int, clip: bool, rows_now: bool, grams: dict,
+                 drop: bool) -> None:
         self.W, self.b, self.batch, self.clip = W, b, batch, clip
         self.rows_now = rows_now  # take 2-D row norms in backward (else the C++ finish does)
-        self.a_prev = self.delta = self.rows = self.native = None
+        self.grams = grams  # the block's A A^T by _key(A) (q, k, v read one input), or None
+        self.a_prev = self.delta = self.rows = self.native = self.sq = self.dsum = None
+        self.drop, self.dropped = drop, False
+
+    def keep(self) -> None:
+        """Keep delta and a_prev after all: another call of the layer stacks with this one."""
+        self.drop = False
+        if self.native is not None and self.native.keep_slot(id(self)):
+            self.dropped = True
+        if self.dropped:
+            raise RuntimeError(
+                "per_example: a layer ran again after its backward inside a norms block, so "
+                "its calls cannot be stacked; run every forward before the backward, or one "
+                "forward and backward per block")
+
+    @property
+    def filled(self) -> bool:
+        """Whether a backward reached this call."""
+        return self.delta is not None or self.dropped
 
     def slot(self, lib) -> int:
         """This call's slot in the C++ core, for a native node's backward to fill with
-        (delta, a_prev) in place of calling the probe; opened now, taken by harvest()."""
+        (delta, a_prev, sq, dsum) in place of calling the probe; opened now, taken by
+        harvest()."""
         self.native = lib
-        lib.open_slot(id(self))
+        lib.open_slot(id(self), self.batch, self.W is not None, self.b is not None, self.drop)
         return id(self)
 
     def harvest(self) -> None:
-        """Take a native node's (delta, a_prev) from this call's slot (closing it), as though
-        layer_grads had called the probe."""
+        """Take a native node's (delta, a_prev, sq, dsum) from this call's slot (closing it),
+        as though layer_grads had called the probe."""
         lib, self.native = self.native, None
         if lib is not None:
-            delta, a_prev = lib.take_slot(id(self))
+            delta, a_prev, sq, dsum = lib.take_slot(id(self))
             if delta is not None:
-                self(delta, a_prev)
+                self.delta, self.a_prev = _detached(delta), _detached(a_prev)
+            self.dropped = delta is None and (sq is not None or dsum is not None)
+            self.sq, self.dsum = sq, dsum
 
     def __call__(self, delta: Tensor, a_prev: Tensor | None) -> bool:
         self.delta, self.a_prev = delta, a_prev = _detached(delta), _detached(a_prev)
-        if self.rows_now and delta.dim() == 2 and delta.shape[0] == self.batch:
-            self.rows = (_norm(delta, dim=1),  # 2-D: the row norms now, while delta and a_prev
-                         None if self.W is None else _norm(a_prev, dim=1))  # are in cache
+        D, A = per_example_norms.share(delta, a_prev, self.batch)
+        if D.dim() == 3:  # (B, T, n): its part of the norm now, while D and A are in cache
+            self.sq, self.dsum = per_example_norms.early(D, A, self.W is not None,
+                                                         self.b is not None, self.grams)
+            if self.drop:
+                self.delta = self.a_prev = None
+                self.dropped = True
+        elif self.rows_now:  # 2-D: the row norms now, while delta and a_prev are in cache
+            self.rows = (_norm(delta, dim=1), None if self.W is None else _norm(a_prev, dim=1))
         return self.clip  # clipping: the block forms grad_W, grad_b at exit
 
 
@@ -174,6 +208,9 @@ class PerExample:
                 "leaves some unclipped is not DP: convert them, freeze them, or leave max_norm "
                 "unset to get norms alone")
         self._calls: list[_Call] = []
+        self._grams: dict = {}  # _key(A) -> A A^T, formed in backward (per_example_norms.early)
+        self._drop = not self.clip and not grads  # whether a call may let its share go early
+        self._seen: dict[int, _Call] = {}  # id(param) -> its first call (while _drop)
         self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self._no_sync = None
         self.norms: Tensor | None = None
@@ -207,7 +244,14 @@ class PerExample:
             raise ValueError(
                 f"per_example: expected input with a batch dim, shape (B, *, n_in), got "
                 f"{tuple(a_prev.shape)}; give it one with x.unsqueeze(0)")
-        call = _Call(W, b, a_prev.shape[0], self.clip, self._lib is None)
+        grams = None if traced_ok and tracing() else self._grams  # _key reads data_ptr()
+        call = _Call(W, b, a_prev.shape[0], self.clip, self._lib is None, grams, self._drop)
+        for p in (W, b):
+            if p is not None and self._drop:
+                first = self._seen.setdefault(id(p), call)
+                if first is not call:  # a reused layer: its calls stack, each keeps its share
+                    call.drop = False
+                    first.keep()
         self._calls.append(call)
         return call
 
@@ -239,10 +283,10 @@ class PerExample:
             self._no_sync.__exit__(kind, value, tb)
         if kind is None:
             self._finish()
-        self._calls = []
+        self._calls, self._grams, self._seen = [], {}, {}
 
     def _finish(self) -> None:
-        calls = [c for c in self._calls if c.delta is not None]
+        calls = [c for c in self._calls if c.filled]
         if not calls:
             if self._calls:
                 raise RuntimeError(
@@ -277,12 +321,12 @@ class PerExample:
             total, self._sq = sq_norms(shares, known)
             norms = total.sqrt_()
         for c in self._calls:  # the shares hold what is still needed; drop the rest
-            c.delta = c.a_prev = c.rows = None
+            c.delta = c.a_prev = c.rows = c.sq = c.dsum = None
         del calls
         self._by_param = None
         self.norms = norms if scale == 1.0 else norms.mul_(scale)
         if self.grads:
-            for p, kind, D, A in shares.values():
+            for p, kind, D, A, _ in shares.values():
                 D3 = D.reshape(batch, -1, D.shape[-1])
                 g = torch.bmm(D3.transpose(1, 2), A.reshape(batch, -1, A.shape[-1])) \
                     if kind == "W" else D3.sum(1)
@@ -301,10 +345,10 @@ class PerExample:
         else:
             shares = group(calls, batch)
             keys = list(shares)
-            params, kinds, Ds, As = (list(v) for v in zip(*shares.values(), strict=True))
+            params, kinds, Ds, As, pres = (list(v) for v in zip(*shares.values(), strict=True))
             del shares
         for c in self._calls:
-            c.delta = c.a_prev = c.rows = None
+            c.delta = c.a_prev = c.rows = c.sq = c.dsum = None
         self._by_param = None
         if stacked:
             self.norms, S = self._lib.finish_rows(deltas, a_prevs, Ws, bs, bs[0] is not None,
@@ -312,7 +356,7 @@ class PerExample:
             self._sq = (Ws, bs, S)  # norms_by_param reads them when asked
             return
         self.norms, S, parts = self._lib.finish_shares(params, [k == "W" for k in kinds], Ds,
-                                                       As, scale, self.max_norm)
+                                                       As, pres, scale, self.max_norm)
         self._sq = {key: (sq, None, None) if sq is not None else (S, i, None if j < 0 else j)
                     for key, (sq, i, j) in zip(keys, parts, strict=True)}
 
@@ -334,7 +378,7 @@ def _stackable(calls) -> bool:
     bias = calls[0].b is not None
     batch = calls[0].batch
     for c in calls:
-        if c.W is None or (c.b is not None) != bias or c.delta.dim() != 2 \
+        if c.dropped or c.W is None or (c.b is not None) != bias or c.delta.dim() != 2 \
                 or c.delta.shape[0] != batch or c.a_prev.dim() != 2:
             return False
     n = len(calls)

@@ -14,11 +14,30 @@ _EPS = 1e-6  # DP-SGD's min(1, C / (norm + eps))
 _norm = torch.linalg.vector_norm
 
 
+def share(delta: Tensor, a_prev: Tensor | None, batch: int) -> tuple:
+    """(D, A): one call's delta and a_prev as group keeps them, 2-D (B, n) or (B, T, n) (a
+    delta of more than 3 dims, or not B rows, as a node's (B T, n) rows are, is one T)."""
+    if delta.dim() > 3 or delta.shape[0] != batch:
+        delta = delta.reshape(batch, -1, delta.shape[-1])
+        a_prev = None if a_prev is None else a_prev.reshape(batch, -1, a_prev.shape[-1])
+    return delta, a_prev
+
+
+def early(D: Tensor, A: Tensor | None, W: bool, b: bool, grams: dict) -> tuple:
+    """(sq, dsum) of a (B, T, n) share (from share()) in backward, while D and A are in cache:
+    sq = ||D_n^T A_n||^2 (B,) where W is covered, dsum = sum_t D_t (B, n) where b is (None
+    elsewhere); the native slots form the same (per_example.cpp's early_share)."""
+    sq = _sq_norm(D, A, grams) if W and A is not None else None
+    return sq, D.sum(1) if b else None
+
+
 def group(calls, batch):
-    """id(param) -> (param, "W" or "b", D, A or None). A parameter with one call keeps its
-    delta D (B, *, n_out) and a_prev A (B, *, n_in) as they came (D, A 2-D or (B, T, n));
-    a parameter called more than once has every call stacked along T (a reused layer adds rows
-    to each example)."""
+    """id(param) -> (param, "W" or "b", D, A or None, pre). A parameter with one call keeps its
+    delta D (B, *, n_out) and a_prev A (B, *, n_in) as share() makes them (D, A 2-D or
+    (B, T, n)), and pre: what its probe formed in backward (early(): sq for a W, dsum for a b),
+    or None (D and A are None where the call let them go: only pre is read); a parameter called
+    more than once has every call stacked along T (a reused layer adds rows to each example),
+    and no pre."""
     parts: dict[int, tuple] = {}
     for c in calls:
         if c.W is not None:
@@ -27,16 +46,15 @@ def group(calls, batch):
             parts.setdefault(id(c.b), (c.b, "b", []))[2].append(c)
     out = {}
     for key, (p, kind, cs) in parts.items():
+        pre = None
         if len(cs) == 1:
-            D, A = cs[0].delta, cs[0].a_prev
-            if D.dim() > 3 or D.shape[0] != batch:  # (B, T1, .., n) or (B T, n): one T
-                D = D.reshape(batch, -1, D.shape[-1])
-                A = None if A is None else A.reshape(batch, -1, A.shape[-1])
+            D, A = (None, None) if cs[0].dropped else share(cs[0].delta, cs[0].a_prev, batch)
+            pre = cs[0].sq if kind == "W" else cs[0].dsum
         else:
             D = torch.cat([c.delta.reshape(batch, -1, c.delta.shape[-1]) for c in cs], 1)
             A = torch.cat([c.a_prev.reshape(batch, -1, c.a_prev.shape[-1]) for c in cs], 1) \
                 if kind == "W" else None
-        out[key] = (p, kind, D, A if kind == "W" else None)
+        out[key] = (p, kind, D, A if kind == "W" else None, pre)
     return out
 
 
@@ -69,13 +87,13 @@ def sq_norms(shares, known=None) -> tuple[Tensor, dict]:
                 rows[k] = i
         return i
 
-    for key, (_, kind, D, A) in shares.items():
-        if D.dim() == 2:
+    for key, (_, kind, D, A, pre) in shares.items():  # pre: formed in backward (early())
+        if pre is None and D.dim() == 2:
             pairs.append((key, row(D), row(A) if kind == "W" else None))
         elif kind == "W":
-            sqs[key] = _sq_norm(D, A, grams)
-        else:  # ||sum_t delta_t||, next to its W's use of D (while D is in cache), exact where
-            pairs.append((key, row(D.sum(1), False), None))  # it is 0 (not a sum of D D^T)
+            sqs[key] = _sq_norm(D, A, grams) if pre is None else pre
+        else:  # ||sum_t delta_t||, exact where it is 0 (not a sum of D D^T)
+            pairs.append((key, row(D.sum(1) if pre is None else pre, False), None))
     total, parts = None, {}
     if norms:
         S = torch.stack(norms).square_()  # (rows, B)
@@ -125,11 +143,14 @@ def part_sq(part) -> Tensor:
 def clipped(shares, norms: Tensor, max_norm: float, ddp: bool) -> None:
     """Add sum_n c_n delta_n^T a_n, c_n = min(1, C / (norm_n + 1e-6)), to each p.grad: each
     example's share re-weighted before the one GEMM the backward skipped (on the narrower of
-    delta and a_prev: the same sum). Last layer first, each share freed once used, so the
-    widest gradients are formed with the least held."""
+    delta and a_prev: the same sum; a (B, T, n) A that several W shares read, as q, k, v do, is
+    weighed against all their deltas and re-weighted once). Last layer first, each share freed
+    once used, so the widest gradients are formed with the least held."""
     c = (max_norm / (norms + _EPS)).clamp_(max=1.0)
+    widths, uses = _readers(shares)
+    scaled: dict[tuple, Tensor] = {}  # _key(A) -> c A (B T, n_in), while a share still reads it
     for key in reversed(list(shares)):
-        p, kind, D, A = shares.pop(key)
+        p, kind, D, A, pre = shares.pop(key)
         cd = c.to(D.dtype)
         if D.dim() == 2:
             if kind == "b":
@@ -139,14 +160,34 @@ def clipped(shares, norms: Tensor, max_norm: float, ddp: bool) -> None:
             else:
                 g = D.t().mm(A * cd[:, None])
         elif kind == "b":  # (B, T, n): sum_n c_n sum_t delta_t
-            g = D.sum(1).t().mv(cd)
-        elif D.shape[2] <= A.shape[2]:  # a (B, T, n) W
-            g = (D * cd[:, None, None]).reshape(-1, D.shape[2]).t().mm(
-                A.reshape(-1, A.shape[2]))  # (B T, n_out)^T (B T, n_in)
-        else:
-            g = D.reshape(-1, D.shape[2]).t().mm((A * cd[:, None, None]).reshape(-1, A.shape[2]))
-        del D, A
+            g = (D.sum(1) if pre is None else pre).t().mv(cd)
+        else:  # a (B, T, n) W: (B T, n_out)^T (B T, n_in)
+            k = _key(A)
+            if widths[k] <= A.shape[2]:
+                g = (D * cd[:, None, None]).reshape(-1, D.shape[2]).t().mm(
+                    A.reshape(-1, A.shape[2]))
+            else:
+                cA = scaled.get(k)
+                if cA is None:
+                    cA = scaled[k] = (A * cd[:, None, None]).reshape(-1, A.shape[2])
+                g = D.reshape(-1, D.shape[2]).t().mm(cA)
+                uses[k] -= 1
+                if not uses[k]:
+                    del scaled[k], cA
+        del D, A, pre
         accumulate(p, g, ddp)
+
+
+def _readers(shares) -> tuple[dict, dict]:
+    """({_key(A): sum of n_out}, {_key(A): count}) over the (B, T, n) W shares, by their A."""
+    widths: dict[tuple, int] = {}
+    uses: dict[tuple, int] = {}
+    for _, kind, D, A, _ in shares.values():
+        if kind == "W" and D.dim() == 3:
+            k = _key(A)
+            widths[k] = widths.get(k, 0) + D.shape[2]
+            uses[k] = uses.get(k, 0) + 1
+    return widths, uses
 
 
 def _sq_norm(D: Tensor, A: Tensor, grams: dict | None = None) -> Tensor:

@@ -316,7 +316,7 @@ def test_a_broken_clip_fails_the_oracle(monkeypatch):
     def clip_after_sum(shares, norms, max_norm, ddp):
         grads = [(p, D.reshape(-1, D.shape[-1]).t().mm(A.reshape(-1, A.shape[-1]))
                   if kind == "W" else D.reshape(-1, D.shape[-1]).sum(0))
-                 for p, kind, D, A in shares.values()]
+                 for p, kind, D, A, _ in shares.values()]
         total = torch.stack([g.square().sum() for _, g in grads]).sum().sqrt() * norms.shape[0]
         c = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for p, g in grads:

@@ -14,6 +14,9 @@ namespace manualbp {
 void bind_losses(py::module_& m);  // losses.cpp
 void bind_per_example(py::module_& m);  // per_example.cpp
 void bind_sign_feedback(py::module_& m);  // sign_feedback.cpp
+std::pair<Tensor, Tensor> early_share(const Tensor& delta, const Tensor& a_prev, int64_t batch,
+                                      bool W, bool b);  // per_example.cpp
+void drop_early_grams();  // per_example.cpp
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -52,34 +55,63 @@ std::vector<Step> steps_of(const c10::IValue& codes) {
 
 // The per-example shares the autograd nodes hand back to manualbp.per_example: the block opens
 // a slot for each covered layer call it sends to a node, the node's backward fills it with that
-// layer's (delta, a_prev) (linear.py: a probe's call from layer_grads), and the block takes it
-// when it finishes. A node whose slot is closed (its block is over) fills nothing.
+// layer's (delta, a_prev) (linear.py: a probe's call from layer_grads) and, for a (B, T, n)
+// share, its part of the norm while delta and a_prev are in cache (per_example.cpp's
+// early_share, the probe's in Python), and the block takes it when it finishes. A node whose
+// slot is closed (its block is over) fills nothing.
 namespace {
+struct Slot {
+  int64_t batch = 0;  // the call's B (dim 0 of its input)
+  bool W = false, b = false;  // which of the layer's parameters the block covers
+  bool drop = false;  // once sq and dsum are formed, let delta and a_prev go (_Call.drop)
+  bool dropped = false;
+  std::vector<Tensor> shares;  // delta, a_prev, sq, dsum once filled
+};
 std::mutex slots_mutex;
-std::unordered_map<int64_t, std::vector<Tensor>> slots;
+std::unordered_map<int64_t, Slot> slots;
 
 void fill(int64_t slot, const Probe& probe) {
   if (slot < 0 || !probe.delta.defined()) return;  // not covered, or no gradient reached it
   std::lock_guard<std::mutex> lock(slots_mutex);
   auto it = slots.find(slot);
-  if (it != slots.end()) it->second = {probe.delta, probe.a_prev};
+  if (it == slots.end()) return;
+  Slot& s = it->second;
+  auto [sq, dsum] = early_share(probe.delta, probe.a_prev, s.batch, s.W, s.b);
+  s.dropped = s.drop && (sq.defined() || dsum.defined());  // a (B, T, n) share: parts formed
+  if (s.dropped) {
+    s.shares = {Tensor(), Tensor(), sq, dsum};
+  } else {
+    s.shares = {probe.delta, probe.a_prev, sq, dsum};
+  }
 }
 }  // namespace
 
-void open_slot(int64_t slot) {
+void open_slot(int64_t slot, int64_t batch, bool W, bool b, bool drop) {
   std::lock_guard<std::mutex> lock(slots_mutex);
-  slots[slot] = {};
+  slots[slot] = Slot{batch, W, b, drop, false, {}};
 }
 
-// (delta, a_prev), both undefined when no backward reached the layer; the slot is closed.
+// Keep the slot's delta and a_prev when it is filled (another call of the layer stacks with
+// it); true when a backward already let them go.
+bool keep_slot(int64_t slot) {
+  std::lock_guard<std::mutex> lock(slots_mutex);
+  auto it = slots.find(slot);
+  if (it == slots.end()) return false;
+  it->second.drop = false;
+  return it->second.dropped;
+}
+
+// (delta, a_prev, sq, dsum), each undefined where not formed (all four when no backward reached
+// the layer); the slot is closed, and with the last one the backward's Grams are let go.
 std::vector<Tensor> take_slot(int64_t slot) {
   std::lock_guard<std::mutex> lock(slots_mutex);
   auto it = slots.find(slot);
-  std::vector<Tensor> shares = {Tensor(), Tensor()};
+  std::vector<Tensor> shares(4);
   if (it != slots.end()) {
-    if (!it->second.empty()) shares = std::move(it->second);
+    if (!it->second.shares.empty()) shares = std::move(it->second.shares);
     slots.erase(it);
   }
+  if (slots.empty()) drop_early_grams();
   return shares;
 }
 
@@ -322,7 +354,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                 grad && need_W, slot, clip);
   }, py::arg("a_prev"), py::arg("W"), py::arg("b"), py::arg("activation"),
         py::arg("B") = py::none(), py::arg("slot") = -1, py::arg("clip") = false);
-  m.def("open_slot", &open_slot);
+  m.def("open_slot", &open_slot, py::arg("slot"), py::arg("batch"), py::arg("W"), py::arg("b"),
+        py::arg("drop"));
+  m.def("keep_slot", &keep_slot);
   m.def("take_slot", &take_slot);
   bind_losses(m);
   bind_per_example(m);

@@ -12,11 +12,17 @@
 // finish_shares, every other block: per_example_norms.sq_norms and clipped on the shares that
 // per_example_norms.group made ((B, T, n) shares in the Gram or outer form, reused and frozen
 // layers, any mix of biases).
+//
+// early_share: a (B, T, n) call's part of the norm (its W's ||delta_n^T a_n||^2, its b's
+// sum_t delta_t), formed when the node's backward fills the call's slot (functions.cpp), while
+// delta and a_prev are in cache: per_example._Call's probe in Python.
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
 #include <map>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "backprop.h"
@@ -105,18 +111,10 @@ std::tuple<Tensor, Tensor> finish_rows(py::list delta_list, py::list a_prev_list
   return {norms, S};
 }
 
-namespace {
-
-// per_example_norms.group's share of one parameter: delta D (B, n_out) or (B, T, n_out), and
-// a_prev A like it for a W (undefined for a b).
-struct Share {
-  Tensor p;
-  bool is_W;
-  Tensor D, A;
-};
-
 // per_example_norms._key: which values t holds (data_ptr, dtype, shape, strides).
 using Key = std::vector<int64_t>;
+
+namespace {
 
 Key key_of(const Tensor& t) {
   Key k{reinterpret_cast<int64_t>(t.data_ptr()), static_cast<int64_t>(t.scalar_type()), t.dim()};
@@ -124,6 +122,16 @@ Key key_of(const Tensor& t) {
   for (int64_t s : t.strides()) k.push_back(s);
   return k;
 }
+
+// per_example_norms.group's share of one parameter: delta D (B, n_out) or (B, T, n_out), and
+// a_prev A like it for a W (undefined for a b); pre: what the call's slot formed in backward
+// for a parameter called once (a W's squared norm (B,), a b's sum_t delta_t (B, n)), or
+// undefined.
+struct Share {
+  Tensor p;
+  bool is_W;
+  Tensor D, A, pre;
+};
 
 // One parameter's part of the squared norm, as sq_norms keeps it for norms_by_param:
 // S[i] * S[j] (j = -1: S[i] alone), or sq (B,) itself (i = -1).
@@ -151,6 +159,46 @@ Tensor sq_norm(const Tensor& D, const Tensor& A, std::map<Key, Tensor>& grams) {
   }
   return row_norms(at::bmm(D.transpose(1, 2), A).flatten(1)).square_();
 }
+
+// A a_prev A A^T formed in a backward, keyed by key_of(A), with A held so that its memory (and
+// so its key) cannot be taken by another tensor while the entry lives; functions.cpp's slots
+// lock guards it, and it is emptied when the last open slot is taken.
+std::map<Key, Tensor> early_grams;
+std::vector<Tensor> early_held;
+
+}  // namespace
+
+// per_example._Call's early part, on what a node's backward hands a covered call's slot:
+// (sq, dsum) for a share that per_example_norms.group keeps as (B, T, n) (its rule: a delta
+// of more than 3 dims or not B rows is reshaped to (B, -1, n)), sq = ||delta_n^T a_n||^2 (B,)
+// where W is covered, dsum = sum_t delta_t (B, n) where b is; both undefined for 2-D rows.
+std::pair<Tensor, Tensor> early_share(const Tensor& delta, const Tensor& a_prev, int64_t batch,
+                                      bool W, bool b) {
+  Tensor D = delta.detach(), A = a_prev.defined() ? a_prev.detach() : Tensor();
+  const int64_t n_out = D.size(-1);
+  if (D.dim() > 3 || D.size(0) != batch) {
+    if (batch <= 0 || D.numel() % (batch * std::max<int64_t>(n_out, 1)) != 0) return {};
+    D = D.reshape({batch, -1, n_out});
+    if (A.defined()) A = A.reshape({batch, -1, A.size(-1)});
+  }
+  if (D.dim() != 3) return {};
+  Tensor sq, dsum;
+  if (W && A.defined()) {
+    const size_t before = early_grams.size();
+    sq = sq_norm(D, A, early_grams);
+    if (early_grams.size() != before) early_held.push_back(A);
+  }
+  if (b) dsum = D.sum(1);
+  return {sq, dsum};
+}
+
+// Forget the backward's A A^T (every slot is closed).
+void drop_early_grams() {
+  early_grams.clear();
+  early_held.clear();
+}
+
+namespace {
 
 // per_example_norms._combine: sum over pairs of S[i] * S[j] (or S[i]).
 Tensor combine(const Tensor& S, const std::vector<Part>& pairs) {
@@ -212,16 +260,16 @@ std::tuple<Tensor, Tensor, std::vector<Part>> sq_norms(const std::vector<Share>&
   };
   for (size_t s = 0; s < shares.size(); ++s) {
     const Share& share = shares[s];
-    const Tensor& D = share.D;
-    if (D.dim() == 2) {
+    const Tensor& D = share.D;  // undefined where the call let it go (pre is then defined)
+    if (!share.pre.defined() && D.dim() == 2) {
       parts[s].i = row(D, true);
       if (share.is_W) parts[s].j = row(share.A, true);
       paired.push_back(s);
     } else if (share.is_W) {
-      parts[s].sq = sq_norm(D, share.A, grams);
+      parts[s].sq = share.pre.defined() ? share.pre : sq_norm(D, share.A, grams);
       squared.push_back(s);
     } else {  // ||sum_t delta_t||, next to its W's use of D
-      parts[s].i = row(D.sum(1), false);
+      parts[s].i = row(share.pre.defined() ? share.pre : D.sum(1), false);
       paired.push_back(s);
     }
   }
@@ -240,13 +288,23 @@ std::tuple<Tensor, Tensor, std::vector<Part>> sq_norms(const std::vector<Share>&
 }
 
 // per_example_norms.clipped: each share re-weighted by c before the one GEMM the backward
-// skipped, last share first, each freed once used.
+// skipped, last share first, each freed once used; a (B, T, n) A that several W shares read is
+// weighed against all their deltas and re-weighted once (_readers).
 void clipped(std::vector<Share>& shares, const Tensor& norms, double max_norm) {
   Tensor c = at::reciprocal(at::add(norms, kEps)).mul(max_norm);
   c.clamp_(std::nullopt, 1.0);
+  std::map<Key, int64_t> widths, uses;  // by key_of(A): sum of n_out, count
+  for (const Share& share : shares) {
+    if (share.is_W && share.D.dim() == 3) {
+      Key k = key_of(share.A);
+      widths[k] += share.D.size(2);
+      uses[k] += 1;
+    }
+  }
+  std::map<Key, Tensor> scaled;  // key_of(A) -> c A (B T, n_in), while a share still reads it
   for (size_t s = shares.size(); s-- > 0;) {
     Share share = std::move(shares[s]);
-    Tensor D = std::move(share.D), A = std::move(share.A);
+    Tensor D = std::move(share.D), A = std::move(share.A), pre = std::move(share.pre);
     Tensor cd = c.to(D.scalar_type());
     Tensor g;
     if (D.dim() == 2) {
@@ -258,14 +316,24 @@ void clipped(std::vector<Share>& shares, const Tensor& norms, double max_norm) {
         g = D.t().mm(A.mul(cd.unsqueeze(1)));
       }
     } else if (!share.is_W) {  // (B, T, n): sum_n c_n sum_t delta_t
-      g = D.sum(1).t().mv(cd);
-    } else if (D.size(2) <= A.size(2)) {  // a (B, T, n) W
-      g = D.mul(cd.view({-1, 1, 1})).reshape({-1, D.size(2)}).t().mm(A.reshape({-1, A.size(2)}));
-    } else {
-      g = D.reshape({-1, D.size(2)}).t().mm(A.mul(cd.view({-1, 1, 1})).reshape({-1, A.size(2)}));
+      g = (pre.defined() ? pre : D.sum(1)).t().mv(cd);
+    } else {  // a (B, T, n) W: (B T, n_out)^T (B T, n_in)
+      Key k = key_of(A);
+      if (widths[k] <= A.size(2)) {
+        g = D.mul(cd.view({-1, 1, 1})).reshape({-1, D.size(2)}).t().mm(
+            A.reshape({-1, A.size(2)}));
+      } else {
+        auto it = scaled.find(k);
+        if (it == scaled.end()) {
+          it = scaled.emplace(k, A.mul(cd.view({-1, 1, 1})).reshape({-1, A.size(2)})).first;
+        }
+        g = D.reshape({-1, D.size(2)}).t().mm(it->second);
+        if (--uses[k] == 0) scaled.erase(it);
+      }
     }
     D.reset();
     A.reset();
+    pre.reset();
     accumulate(share.p, std::move(g));
   }
 }
@@ -273,25 +341,30 @@ void clipped(std::vector<Share>& shares, const Tensor& norms, double max_norm) {
 }  // namespace
 
 // (norms (B,), S (rows, B) or None, parts) for the shares per_example_norms.group made, given
-// as lists of the parameter, whether it is a W, its D and its A (None for a b). parts: per
+// as lists of the parameter, whether it is a W, its D, its A (None for a b) and what its slot
+// or probe formed in backward (None where nothing: Share::pre). parts: per
 // share (sq or None, i, j) with what sq_norms keeps for norms_by_param ((S, i, j) where sq is
-// None, j = -1 for none). scale, max_norm: as finish_rows. Ds and As are emptied (None for
-// each), so that each share is held here alone and freed once used.
+// None, j = -1 for none). scale, max_norm: as finish_rows. Ds, As and pres are emptied (None
+// for each), so that each share is held here alone and freed once used.
 std::tuple<Tensor, std::optional<Tensor>, std::vector<std::tuple<std::optional<Tensor>, int64_t,
                                                                  int64_t>>>
 finish_shares(const std::vector<Tensor>& params, const std::vector<bool>& is_W, py::list D_list,
-              py::list A_list, double scale, std::optional<double> max_norm) {
+              py::list A_list, py::list pre_list, double scale, std::optional<double> max_norm) {
   const size_t n = params.size();
-  TORCH_CHECK_VALUE(n > 0 && is_W.size() == n && D_list.size() == n && A_list.size() == n,
+  TORCH_CHECK_VALUE(n > 0 && is_W.size() == n && D_list.size() == n && A_list.size() == n &&
+                        pre_list.size() == n,
                     "manualbp native: finish_shares expected, per share, a parameter, a kind, a "
-                    "D and an A; got ", n, ", ", is_W.size(), ", ", D_list.size(), ", ",
-                    A_list.size());
+                    "D, an A and a pre; got ", n, ", ", is_W.size(), ", ", D_list.size(), ", ",
+                    A_list.size(), ", ", pre_list.size());
   std::vector<Share> shares;
+  auto take = [](py::list& list, size_t s) {
+    Tensor t = list[s].is_none() ? Tensor() : list[s].cast<Tensor>();
+    list[s] = py::none();
+    return t;
+  };
   for (size_t s = 0; s < n; ++s) {
-    Tensor A = A_list[s].is_none() ? Tensor() : A_list[s].cast<Tensor>();
-    shares.push_back(Share{params[s], is_W[s], D_list[s].cast<Tensor>(), A});
-    D_list[s] = py::none();
-    A_list[s] = py::none();
+    Tensor D = take(D_list, s), A = take(A_list, s), pre = take(pre_list, s);
+    shares.push_back(Share{params[s], is_W[s], D, A, pre});
   }
   auto [total, S, parts] = sq_norms(shares);
   Tensor norms = total.sqrt_();
@@ -309,7 +382,7 @@ void bind_per_example(py::module_& m) {
   m.def("finish_rows", &finish_rows, py::arg("deltas"), py::arg("a_prevs"), py::arg("Ws"),
         py::arg("bs"), py::arg("bias"), py::arg("scale"), py::arg("max_norm"));
   m.def("finish_shares", &finish_shares, py::arg("params"), py::arg("is_W"), py::arg("Ds"),
-        py::arg("As"), py::arg("scale"), py::arg("max_norm"));
+        py::arg("As"), py::arg("pres"), py::arg("scale"), py::arg("max_norm"));
 }
 
 }  // namespace manualbp
