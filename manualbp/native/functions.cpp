@@ -14,6 +14,7 @@ namespace manualbp {
 void bind_losses(py::module_& m);  // losses.cpp
 void bind_per_example(py::module_& m);  // per_example.cpp
 void bind_sign_feedback(py::module_& m);  // sign_feedback.cpp
+void bind_dispatch(py::module_& m);  // dispatch.cpp
 std::pair<Tensor, Tensor> early_share(const Tensor& delta, const Tensor& a_prev, int64_t batch,
                                       bool W, bool b);  // per_example.cpp
 void drop_early_grams();  // per_example.cpp
@@ -361,6 +362,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_losses(m);
   bind_per_example(m);
   bind_sign_feedback(m);
+  bind_dispatch(m);
   m.def("backprop", &backprop, py::arg("x"), py::arg("target"), py::arg("params"),
         py::arg("activations"), py::arg("accumulate"),
         py::arg("feedback") = std::vector<OptTensor>(), py::arg("direct") = false);

@@ -195,11 +195,8 @@ py::object softmax_ce_plain(py::handle input, py::handle target, int64_t ignore_
   return py::cast(SoftmaxCENode::apply(z, y, std::nullopt, ignore_index, reduction, 0.0)[0]);
 }
 
-void bind_dispatch(py::module_& m);  // dispatch.cpp
-
 void bind_losses(py::module_& m) {
   m.def("softmax_ce_plain", &softmax_ce_plain);
-  bind_dispatch(m);  // the usual call's checks (dispatch.cpp), bound with the losses' entries
   m.def("softmax_cross_entropy",
         [](const Tensor& z, const Tensor& target, const OptTensor& weight, int64_t ignore_index,
            const std::string& reduction, double label_smoothing) {
