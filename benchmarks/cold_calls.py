@@ -2,8 +2,9 @@
 
 Interleaved in one process, one thread: the node step through `loss.backward()`, the same step
 handing the engine its root gradient directly (no Python `torch.autograd.backward` wrapper),
-the engine-free step and the native floor; then the cost of one tiny op right after a sweep
-that evicts the caches (as the forward's GEMMs do) against the same op with the caches warm.
+the engine-free step, autograd's step both ways and the native floor; then the cost of one
+tiny op right after a sweep that evicts the caches (as the forward's GEMMs do) against the same
+op with the caches warm.
 
     cd benchmarks && python cold_calls.py [rounds]
 """
@@ -37,11 +38,27 @@ def main(rounds: int = 30) -> None:
         loss = lib.mlp(x, y, acts, params)[1]
         run_backward((loss,), (one,), False, False, (), True, True)
 
+    ref = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                              torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    ref_params = list(ref.parameters())
+
+    def autograd():
+        for p in ref_params:
+            p.grad = None
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+
+    def autograd_engine():
+        for p in ref_params:
+            p.grad = None
+        run_backward((torch.nn.functional.cross_entropy(ref(x), y),), (one,), False, False, (),
+                     True, True)
+
     def backprop():
         lib.backprop(x, y, params, acts, False)
 
     steps = {"node .backward()": node, "node, engine direct": node_engine,
-             "lib.backprop": backprop}
+             "lib.backprop": backprop, "autograd .backward()": autograd,
+             "autograd, engine direct": autograd_engine}
     samples = {name: [] for name in [*steps, "floor"]}
     for _ in range(20):
         for fn in steps.values():
@@ -54,9 +71,11 @@ def main(rounds: int = 30) -> None:
             samples[name].append((time.perf_counter() - t0) / 10)
         samples["floor"].append(lib.floor_seconds(x, y, params, acts, 10))
     floor = statistics.median(samples["floor"])
+    auto = statistics.median(samples["autograd .backward()"])
     for name, s in samples.items():
         m = statistics.median(s)
-        print(f"{name:22s} {m * 1e6:7.0f} us  floor + {(m - floor) * 1e6:5.0f} us")
+        print(f"{name:24s} {m * 1e6:7.0f} us  floor + {(m - floor) * 1e6:5.0f} us  "
+              f"{m / auto:.3f}x autograd .backward()")
 
     sweep, small = torch.zeros(2**21), torch.zeros(2**10)  # 8 MB (> L2), 4 KB
     for name, pre in (("after an 8 MB sweep", lambda: sweep.add_(1)),
