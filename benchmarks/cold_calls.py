@@ -23,6 +23,8 @@ def main(rounds: int = 30) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     lib = native_lib()
+    if lib is None:
+        sys.exit("cold_calls.py times the C++ core: run it with MANUALBP_NATIVE unset or 1")
     net = mb.MLP([784, 256, 256, 10], activation="relu")
     x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
     params, acts = net._flat()
