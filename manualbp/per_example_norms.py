@@ -119,12 +119,16 @@ def _combine(S: Tensor, pairs) -> Tensor:
         return S[1::2].mul(S[0::2]).sum(0)  # no biases
     pair = [(i, j) for _, i, j in pairs if j is not None]  # any other mix, in a few kernels
     single = [i for _, i, j in pairs if j is None]
-    total = None
-    if pair:
+    total = None  # one pair, a run of singles: views of S, no index tensors (native's too)
+    if len(pair) == 1:
+        total = S[pair[0][0]] * S[pair[0][1]]
+    elif pair:
         i, j = (torch.tensor(v, device=S.device) for v in zip(*pair, strict=True))
         total = S.index_select(0, i).mul_(S.index_select(0, j)).sum(0)
     if single:
-        t = S.index_select(0, torch.tensor(single, device=S.device)).sum(0)
+        s0, m = single[0], len(single)
+        t = S[s0:s0 + m].sum(0) if single == list(range(s0, s0 + m)) \
+            else S.index_select(0, torch.tensor(single, device=S.device)).sum(0)
         total = t if total is None else total.add_(t)
     return total
 

@@ -229,10 +229,17 @@ Tensor combine(const Tensor& S, const std::vector<Part>& pairs) {
   auto rows = [&S](const std::vector<int64_t>& index) {
     return S.index_select(0, at::tensor(index, at::kLong).to(S.device()));
   };
-  Tensor total;
-  if (!i.empty()) total = rows(i).mul_(rows(j)).sum(0);
+  Tensor total;  // one pair, a run of singles: views of S, no index tensors (as Python's)
+  if (i.size() == 1) {
+    total = S.select(0, i[0]).mul(S.select(0, j[0]));
+  } else if (!i.empty()) {
+    total = rows(i).mul_(rows(j)).sum(0);
+  }
   if (!single.empty()) {
-    Tensor t = rows(single).sum(0);
+    const auto m = static_cast<int64_t>(single.size());
+    bool run = true;
+    for (int64_t k = 1; run && k < m; ++k) run = single[k] == single[0] + k;
+    Tensor t = run ? S.narrow(0, single[0], m).sum(0) : rows(single).sum(0);
     total = total.defined() ? total.add_(t) : t;
   }
   return total;
