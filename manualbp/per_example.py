@@ -208,7 +208,8 @@ class PerExample:
                 "leaves some unclipped is not DP: convert them, freeze them, or leave max_norm "
                 "unset to get norms alone")
         self._calls: list[_Call] = []
-        self._grams: dict = {}  # _key(A) -> A A^T, formed in backward (per_example_norms.early)
+        self._grams: dict = {}  # _key(A) -> (A A^T, A) formed in backward (norms' early()),
+        # for one pass: the calls of the next forward get a new dict
         self._drop = not self.clip and not grads  # whether a call may let its share go early
         self._seen: dict[int, _Call] = {}  # id(param) -> its first call (while _drop)
         self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -244,6 +245,8 @@ class PerExample:
             raise ValueError(
                 f"per_example: expected input with a batch dim, shape (B, *, n_in), got "
                 f"{tuple(a_prev.shape)}; give it one with x.unsqueeze(0)")
+        if self._grams:  # a forward after a backward: a new pass, whose inputs may sit in the
+            self._grams = {}  # memory of the last one's (a buffer written over in place)
         grams = None if traced_ok and tracing() else self._grams  # _key reads data_ptr()
         call = _Call(W, b, a_prev.shape[0], self.clip, self._lib is None, grams, self._drop)
         for p in (W, b):

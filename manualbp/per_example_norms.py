@@ -74,7 +74,7 @@ def sq_norms(shares, known=None) -> tuple[Tensor, dict]:
     norms: list[Tensor] = []  # ||t_n||, t a 2-D delta or a_prev (or a bias's sum over T)
     pairs: list[tuple] = []  # (param key, i, j or None)
     sqs: dict[int, Tensor] = {}  # param key -> (B,) squared norm of a (B, T, n) share
-    grams: dict[tuple, Tensor] = {}  # _key(A) -> A A^T, shared by layers fed the same input
+    grams: dict[tuple, tuple] = {}  # _key(A) -> (A A^T, A), shared by layers fed one input
 
     def row(t: Tensor, shared: bool = True) -> int:  # shared: t is held by shares meanwhile
         k = _key(t) if shared else None
@@ -196,17 +196,17 @@ def _readers(shares) -> tuple[dict, dict]:
 
 def _sq_norm(D: Tensor, A: Tensor, grams: dict | None = None) -> Tensor:
     """||D_n^T A_n||_F^2 per example, D (B, T, n_out), A (B, T, n_in), by the cheaper form.
-    grams: a cache of A A^T for the Gram form, keyed by _key(A) (q, k, v read one input)."""
+    grams: a cache {_key(A): (A A^T, A)} for the Gram form (q, k, v read one input)."""
     T, n_out, n_in = D.shape[1], D.shape[2], A.shape[2]
     if T == 1:
         return D.square().sum((1, 2)) * A.square().sum((1, 2))
     if T * (n_in + n_out) <= n_in * n_out:  # Gram: sum_{t,s} (a_t . a_s)(delta_t . delta_s)
         k = None if grams is None else _key(A)
-        gram_a = None if k is None else grams.get(k)
+        gram_a, _ = (None, None) if k is None else grams.get(k, (None, None))
         if gram_a is None:
             gram_a = torch.bmm(A, A.transpose(1, 2)).flatten(1)  # (B, T T)
-            if k is not None:
-                grams[k] = gram_a
+            if k is not None:  # A held with it: no new tensor can take A's memory meanwhile
+                grams[k] = gram_a, A
         gram_d = torch.bmm(D, D.transpose(1, 2)).flatten(1)  # (B, T T)
         return torch.linalg.vecdot(gram_a, gram_d)
     return _norm(torch.bmm(D.transpose(1, 2), A).flatten(1), dim=1).square_()

@@ -89,6 +89,9 @@ void fill(int64_t slot, const Probe& probe) {
 
 void open_slot(int64_t slot, int64_t batch, bool W, bool b, bool drop) {
   std::lock_guard<std::mutex> lock(slots_mutex);
+  // a forward after a backward starts a new pass, whose inputs may sit in the memory of the
+  // last one's (a buffer written over in place): its A A^T are not for this pass (as Python's)
+  drop_early_grams();
   slots[slot] = Slot{batch, W, b, drop, false, {}};
 }
 

@@ -162,7 +162,8 @@ Tensor sq_norm(const Tensor& D, const Tensor& A, std::map<Key, Tensor>& grams) {
 
 // A a_prev A A^T formed in a backward, keyed by key_of(A), with A held so that its memory (and
 // so its key) cannot be taken by another tensor while the entry lives; functions.cpp's slots
-// lock guards it, and it is emptied when the last open slot is taken.
+// lock guards it, and it is emptied when a slot opens (a forward: a new pass) and when the
+// last open slot is taken.
 std::map<Key, Tensor> early_grams;
 std::vector<Tensor> early_held;
 
