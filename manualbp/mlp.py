@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from manualbp.activations import check_activation
-from manualbp.apply import _any_autocast, apply, autocast_dtype, c_apply, cast_all, tracing
+from manualbp.apply import apply, autocast_dtype, c_apply, cast_all, tracing
 from manualbp.backprop import (
     backward_pass,
     forward_pass,
@@ -281,11 +281,6 @@ class MLP(nn.Module):
         else:
             params, activations = flat
         try:
-            if (trace is None and self.rule == "backprop" and not _any_autocast()
-                    and x.dtype in _EAGER_DTYPES and active() is None and not tracing()):
-                if lib is not None:  # the usual call: run_node's first case, less around it
-                    out = lib.mlp(x, target, activations, params)
-                    return (out[0], None) if target is None else out
             # no backward can follow a forward without grad mode: the rule's B is not needed
             feedback, source = self._feedback() if torch.is_grad_enabled() else (None, None)
             return run_node(x, target, trace, params, activations, self._modules["layers"],

@@ -122,8 +122,9 @@ NODE = "torch::autograd::CppNode<manualbp::MLPNode>"
 
 
 def test_mlp_forward_and_loss_take_the_node_only_for_the_usual_call():
-    """The short way in MLP._run serves plain eager calls; a Trace, autocast, another rule,
-    a per_example block and torch.func go the long way, as before (checked by the node made)."""
+    """The C++ node serves plain eager calls (MLP._run's mlp_flat, then run_node); a Trace,
+    autocast, another rule, a per_example block and torch.func take their own ways (checked by
+    the node made)."""
     torch.manual_seed(3)
     mlp = mb.MLP([4, 5, 3])
     x, y = torch.randn(2, 4), torch.tensor([0, 2])
