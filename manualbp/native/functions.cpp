@@ -1,7 +1,9 @@
 // torch::autograd::Functions over the pass in backprop.cpp, and the engine-free step: the
 // C++ twins of MLPEagerFunction (fused.py), LinearActEagerFunction (linear.py) and MLP.backprop
 // (mlp.py); the loss nodes are in losses.cpp. Same saved tensors, same kernels, same order.
+#include <ATen/SavedTensorHooks.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <mutex>
@@ -158,6 +160,18 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     }
     ctx->set_materialize_grads(false);
     if (steps.back().identity || steps.back().keeps_z) outs.back() = Tensor();
+    // a[1..L-1] and z[1..L] are the node's own (no one else sees them, so nothing can change
+    // them in place): held outside save_for_backward, the backward lets each go once it has
+    // served, as autograd's per-op nodes do, instead of all at its end. With saved-tensor hooks
+    // (save_on_cpu, ...) set, they go through save_for_backward so that the hooks see them.
+    if (!at::SavedTensorDefaultHooks::get_hooks().has_value()) {
+      c10::List<Tensor> inner;
+      for (size_t i = 0; i < outs.size(); ++i) {
+        inner.push_back(i + 1 < outs.size() ? std::exchange(outs[i], Tensor()) : Tensor());
+      }
+      for (auto& z : zs) inner.push_back(std::exchange(z, Tensor()));
+      ctx->saved_data["inner"] = std::move(inner);
+    }
     variable_list saved = {x, Tensor(), Tensor(), Tensor()};
     variable_list result = {logits};
     if (y.defined()) {
@@ -183,7 +197,7 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     size_t F = 0;  // how many feedback matrices
     for (bool has : has_feedback) F += has;
     variable_list saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &y = saved[1], &count = saved[3];
+    const Tensor x = saved[0], y = saved[1], count = saved[3];  // saved is let go below
     Tensor log_yhat = saved[2];
     std::vector<Tensor> params =
         with_gaps(at::TensorList(saved.data() + 4, P), has_bias);
@@ -192,6 +206,16 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     std::vector<Tensor> feedback;  // per layer, undefined where a layer has none
     size_t k = 4 + P + 2 * L;
     for (bool has : has_feedback) feedback.push_back(has ? saved[k++] : Tensor());
+    auto inner = ctx->saved_data.find("inner");
+    if (inner != ctx->saved_data.end()) {  // a[1..L-1], z[1..L], held out of save_for_backward
+      c10::List<Tensor> held = inner->second.toTensorList();
+      for (size_t i = 0; i + 1 < L; ++i) outs[i] = held.get(i);
+      for (size_t i = 0; i < L; ++i) zs[i] = held.get(L + i);
+      // no retain_graph: this backward is their last reader, and backward_pass lets each go
+      // once it has served (a second backward is refused before it gets here)
+      if (!torch::autograd::get_current_graph_task_keep_graph()) ctx->saved_data.erase(inner);
+    }
+    saved.clear();  // outs, zs, params, ... hold what is still needed
     Tensor x2 = rows(x);
     bool scratch = !at::GradMode::is_enabled();
     std::optional<BelowAutograd> below;
