@@ -138,7 +138,7 @@ def backward_pass(grad_a: Tensor | None, own: bool, x: Tensor, outs, zs, weights
                                         extra_a, extra_z, backprop_deltas)
         grad_a = None
         outs[i] = zs[i] = None  # a[i] and z[i] have served; a[i-1] is still needed below
-        if i == L - 1:
+        if direct and i == L - 1:  # DFA's hidden layers read it
             delta_L = delta
         if delta is None:  # no gradient reached this layer
             continue

@@ -257,7 +257,7 @@ def _folded_softmax_delta(grad_a, grad_loss, grad_log_yhat, log_yhat, y, scratch
 def _no_saved_tensor_hooks() -> bool:
     """Whether no saved-tensor hooks are set (save_on_cpu, checkpointing, ...).
 
-    Then MLPEagerFunction holds a[1..L-1] and z[1..L] on ctx rather than in save_for_backward:
+    Then MLPEagerFunction holds a[1..L-1], z[1..L] and log yhat on ctx, not in save_for_backward:
     they are its own (no one else sees them, so nothing changes them in place), and its
     backward lets each go once it has served, as autograd's per-op nodes free theirs, rather
     than all at its end (1.4x autograd's peak at [784,256,256,10]). With hooks set they go
@@ -287,17 +287,16 @@ class MLPEagerFunction(Function):
         if last.g is None or last.keeps_z:
             outs[-1] = None  # the output layer's g' does not read a[L]
         feedback = feedback or ()
+        y = log_yhat = loss = count = None
+        if target is not None:
+            y = target.reshape(-1)
+            log_yhat, loss, count = softmax_ce_forward(a_L, y)
         ctx.inner = None
-        if _no_saved_tensor_hooks():  # a[1..L-1], z[1..L]: see _no_saved_tensor_hooks
-            ctx.inner = (outs[:-1], zs)
-            outs, zs = [None] * (len(steps) - 1) + [outs[-1]], [None] * len(steps)
-        if target is None:
-            ctx.save_for_backward(x, None, None, None, *params, *outs, *zs, *feedback)
-            return logits
-        y = target.reshape(-1)
-        log_yhat, loss, count = softmax_ce_forward(a_L, y)
+        if _no_saved_tensor_hooks():  # a[1..L-1], z[1..L], log yhat: see _no_saved_tensor_hooks
+            ctx.inner = (outs[:-1], zs, log_yhat)
+            outs, zs, log_yhat = [None] * (len(steps) - 1) + [outs[-1]], [None] * len(steps), None
         ctx.save_for_backward(x, y, log_yhat, count, *params, *outs, *zs, *feedback)
-        return logits, loss
+        return logits if target is None else (logits, loss)
 
     @staticmethod
     def backward(ctx, grad_logits, grad_loss=None):
@@ -307,7 +306,7 @@ class MLPEagerFunction(Function):
         params, outs, zs = saved[:2 * L], saved[2 * L:3 * L], saved[3 * L:4 * L]
         feedback = saved[4 * L:] if ctx.source is not None else None
         if ctx.inner is not None:  # held on ctx: this backward lets each go once it has served
-            outs, zs = [*ctx.inner[0], outs[-1]], list(ctx.inner[1])
+            outs, zs, log_yhat = [*ctx.inner[0], outs[-1]], list(ctx.inner[1]), ctx.inner[2]
             if not torch._C._autograd._get_current_graph_task_keep_graph():
                 ctx.inner = None  # no retain_graph: the last backward to read them
         needs = ctx.needs_input_grad
@@ -322,6 +321,7 @@ class MLPEagerFunction(Function):
             grad_a = _rows(grad_logits)
         if grad_loss is not None:
             delta_L = softmax_ce_delta(grad_loss, log_yhat, y, count)
+            log_yhat = None  # served
             grad_a, own = (delta_L if grad_a is None else grad_a + delta_L), scratch
         if grad_a is None:
             return (None,) * len(needs)

@@ -1,11 +1,10 @@
-"""The MLP node (C++ and Python alike) lets each hidden activation go once its backward has
-used it.
+"""The MLP node (C++ and Python alike) lets each tensor of its backward go once it has served.
 
 autograd's per-op nodes free a[i] as the backward passes layer i; a node that held every a[i]
 and z[i] to its end would peak higher by all of them (1.4x autograd's step at
-[784,256,256,10]). The node keeps them out of save_for_backward, so these tests pin what that
-must not change: retain_graph, a second backward's refusal, saved-tensor hooks (which must still
-see every tensor kept), and the bits.
+[784,256,256,10]). The node keeps them out of save_for_backward, so these tests also pin what
+that must not change: retain_graph, a second backward's refusal, saved-tensor hooks (which must
+still see every tensor kept), and the bits.
 """
 
 import pytest
@@ -17,9 +16,6 @@ from torch.profiler import ProfilerActivity, profile
 
 import manualbp as mb
 from manualbp import native
-
-SIZES = [64, 256, 256, 10]
-BATCH = 128
 
 
 @pytest.fixture(params=["native", "python"])
@@ -50,27 +46,29 @@ def peak_bytes(step) -> int:
     return max(total for _, _, total in events) - start
 
 
-def sequential():
-    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                         nn.Linear(256, 10))
-
-
-def steps():
+def steps(sizes, batch):
     """name -> (model, step): each fills .grad from None, as a training step does."""
     torch.manual_seed(0)
-    x, y = torch.randn(BATCH, SIZES[0]), torch.randint(0, SIZES[-1], (BATCH,))
-    mlp, twin, chain = mb.MLP(SIZES, "relu"), sequential(), mb.convert(sequential())
+    x, y = torch.randn(batch, sizes[0]), torch.randint(0, sizes[-1], (batch,))
+
+    def sequential():
+        layers = []
+        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+        return nn.Sequential(*layers[:-1])
+
+    mlp, twin, chain = mb.MLP(sizes, "relu"), sequential(), mb.convert(sequential())
     return {
         "autograd": (twin, lambda: F.cross_entropy(twin(x), y).backward()),
         "natural": (mlp, lambda: mb.softmax_cross_entropy(mlp(x), y).backward()),
         "mlp.loss": (mlp, lambda: mlp.loss(x, y)[0].backward()),
         "convert": (chain, lambda: F.cross_entropy(chain(x), y).backward()),
+        "backprop": (mlp, lambda: mlp.backprop(x, y)),
     }
 
 
-@pytest.mark.parametrize("name", ["natural", "mlp.loss", "convert"])
-def test_step_peaks_no_higher_than_autograds(name, backend):
-    runs = steps()
+def peak_ratio(name, sizes, batch):
+    runs = steps(sizes, batch)
     peaks = {}
     for key in ("autograd", name):
         model, step = runs[key]
@@ -78,8 +76,24 @@ def test_step_peaks_no_higher_than_autograds(name, backend):
         model.zero_grad(set_to_none=True)
         peaks[key] = peak_bytes(step)
         model.zero_grad(set_to_none=True)
-    # held to its end, the node's a[1], a[2] (128 KiB each) would add 256 KiB (1.4x)
-    assert peaks[name] <= 1.02 * peaks["autograd"], peaks
+    return peaks[name] / peaks["autograd"]
+
+
+@pytest.mark.parametrize("name", ["natural", "mlp.loss", "convert", "backprop"])
+def test_step_peaks_no_higher_than_autograds(name, backend):
+    # [64,256,256,10] b128: held to the node's end, a[1], a[2] (128 KiB each) made it 1.21x
+    assert peak_ratio(name, [64, 256, 256, 10], 128) <= 1.02
+
+
+@pytest.mark.parametrize("name", ["natural", "mlp.loss", "convert", "backprop"])
+def test_native_step_peaks_no_higher_than_autograds_with_square_layers(name):
+    # square layers put the peak at layer L-1's GEMMs, where autograd has let dL/da[L] (and
+    # mlp.loss its log yhat, backprop its delta[L]) go: the C++ node must too (it made 1.2x).
+    # The Python twins still hold them there (autograd.Function passes the upstream gradient
+    # as an argument; the engine-free pass keeps its names): 1.2x, not asserted.
+    if native.load() is None:
+        pytest.skip("the C++ core is not available here (no toolchain, or MANUALBP_NATIVE=0)")
+    assert peak_ratio(name, [128, 128, 128, 128], 128) <= 1.02
 
 
 def grads(model):

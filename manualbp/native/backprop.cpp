@@ -173,7 +173,7 @@ std::pair<std::vector<Tensor>, Tensor> backward_pass(
     grad_a.reset();
     outs[i].reset();  // a[i] and z[i] have served; a[i-1] is still needed below
     zs[i].reset();
-    if (i == L - 1) delta_L = delta;
+    if (direct && i == L - 1) delta_L = delta;  // DFA's hidden layers read it
     if (!delta.defined()) continue;  // no gradient reached this layer
     const Tensor& a_prev = i > 0 ? outs[i - 1] : x;
     const bool need_B = per_layer && needs[1 + 2 * L + i];
@@ -236,9 +236,8 @@ std::pair<std::vector<Tensor>, Tensor> backprop_grads(const Tensor& x, const Ten
     for (const auto& B : feedback) needs.push_back(B.defined() && B.requires_grad());
   }
   for (size_t i = 0; i < steps.size(); ++i) weights.push_back(params[2 * i]);
-  auto [grads, unused] =
-      backward_pass(delta_L, true, x2, outs, zs, weights, steps, needs, true, feedback, direct,
-                    probes);
+  auto [grads, unused] = backward_pass(std::move(delta_L), true, x2, outs, zs, weights, steps,
+                                       needs, true, feedback, direct, probes);
   return {std::move(grads), loss};
 }
 

@@ -160,16 +160,17 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     }
     ctx->set_materialize_grads(false);
     if (steps.back().identity || steps.back().keeps_z) outs.back() = Tensor();
-    // a[1..L-1] and z[1..L] are the node's own (no one else sees them, so nothing can change
-    // them in place): held outside save_for_backward, the backward lets each go once it has
-    // served, as autograd's per-op nodes do, instead of all at its end. With saved-tensor hooks
-    // (save_on_cpu, ...) set, they go through save_for_backward so that the hooks see them.
+    // a[1..L-1], z[1..L] and log yhat are the node's own (no one else sees them, so nothing
+    // can change them in place): held outside save_for_backward, the backward lets each go once
+    // it has served, as autograd's per-op nodes do, instead of all at its end. With saved-tensor
+    // hooks (save_on_cpu, ...) set, they go through save_for_backward so that the hooks see them.
     if (!at::SavedTensorDefaultHooks::get_hooks().has_value()) {
       c10::List<Tensor> inner;
       for (size_t i = 0; i < outs.size(); ++i) {
         inner.push_back(i + 1 < outs.size() ? std::exchange(outs[i], Tensor()) : Tensor());
       }
       for (auto& z : zs) inner.push_back(std::exchange(z, Tensor()));
+      inner.push_back(std::exchange(log_yhat, Tensor()));
       ctx->saved_data["inner"] = std::move(inner);
     }
     variable_list saved = {x, Tensor(), Tensor(), Tensor()};
@@ -186,7 +187,11 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     return result;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+  // grad_out by reference: the engine's list, which nothing reads once this returns, so that
+  // dL/da[L] can go once layer L has used it (a copy would keep it to the end, as autograd's
+  // per-op nodes do not)
+  template <class Grads>
+  static variable_list backward(AutogradContext* ctx, Grads&& grad_out) {
     std::vector<Step> steps = steps_of(ctx->saved_data["steps"]);
     const size_t L = steps.size();
     c10::List<bool> has_bias = ctx->saved_data["bias"].toBoolList();
@@ -207,10 +212,11 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     size_t k = 4 + P + 2 * L;
     for (bool has : has_feedback) feedback.push_back(has ? saved[k++] : Tensor());
     auto inner = ctx->saved_data.find("inner");
-    if (inner != ctx->saved_data.end()) {  // a[1..L-1], z[1..L], held out of save_for_backward
+    if (inner != ctx->saved_data.end()) {  // a[1..L-1], z[1..L], log yhat, held out of saving
       c10::List<Tensor> held = inner->second.toTensorList();
       for (size_t i = 0; i + 1 < L; ++i) outs[i] = held.get(i);
       for (size_t i = 0; i < L; ++i) zs[i] = held.get(L + i);
+      log_yhat = held.get(2 * L);
       // no retain_graph: this backward is their last reader, and backward_pass lets each go
       // once it has served (a second backward is refused before it gets here)
       if (!torch::autograd::get_current_graph_task_keep_graph()) ctx->saved_data.erase(inner);
@@ -226,9 +232,10 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     }
     Tensor grad_a;
     bool own = false;
-    if (grad_out[0].defined()) grad_a = rows(grad_out[0]);
+    if (grad_out[0].defined()) grad_a = rows(std::exchange(grad_out[0], Tensor()));
     if (grad_out.size() > 1 && grad_out[1].defined()) {
       Tensor delta_L = softmax_ce_delta(grad_out[1], log_yhat, y, count);
+      log_yhat.reset();  // served
       grad_a = grad_a.defined() ? grad_a + delta_L : delta_L;
       own = scratch;
     }
@@ -259,8 +266,8 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
       const bool clip = ctx->saved_data["clip"].toBool();
       for (int64_t slot : probe_slots) probes.push_back(Probe{slot >= 0, clip, {}, {}});
     }
-    auto [grads, grad_x] = backward_pass(grad_a, own, x2, outs, zs, weights, steps, needs,
-                                         scratch, feedback, direct,
+    auto [grads, grad_x] = backward_pass(std::move(grad_a), own, x2, outs, zs, weights, steps,
+                                         needs, scratch, feedback, direct,
                                          probes.empty() ? nullptr : &probes);
     for (size_t i = 0; i < probes.size(); ++i) fill(probe_slots[i], probes[i]);
     if (grad_x.defined() && needs[0]) result[0] = grad_x.reshape(x.sizes());
