@@ -129,7 +129,7 @@ def backward_pass(grad_a: Tensor | None, own: bool, x: Tensor, outs, zs, weights
             grad_a, own = (e, False) if grad_a is None else (grad_a + e, scratch)
         delta = None
         if grad_a is not None:  # delta = grad_a * g'(z)
-            step = steps[i]  # g' reads outs[i] / zs[i] unnamed: both must go when let go below
+            step = steps[i]  # g's input left unnamed, so that outs[i] = zs[i] = None frees it
             delta = delta_from(grad_a, zs[i] if step.keeps_z else outs[i], step.name, inplace=own)
         if extra_z is not None and extra_z[i] is not None:
             delta = extra_z[i] if delta is None else delta + extra_z[i]
