@@ -191,3 +191,51 @@ def breakdown(repeats: int = 3, kinds: tuple[str, ...] = ("autograd", "natural",
     steps = SETTINGS["epochs"] * -(-n // batch)
     return {"steps": steps, **{k: {p: statistics.median(v) for p, v in parts.items()}
                                for k, parts in samples.items()}}
+
+
+def adam_cost(rounds: int = 11, steps: int = 200, adam: dict | None = None) -> dict:
+    """The optimizer step's own cost, hot and as a training run meets it: median microseconds of
+    one torch.optim.Adam step on the digits model's parameters, (a) called again and again on the
+    same gradients, (b) after fresh gradient tensors are put in .grad, (c) right after a forward
+    + backward of each kind (what train_torch's loop does), interleaved over rounds.
+
+    Every kind pays (c) whatever its backward costs; the gap (c) - (a) is the backward leaving
+    the step's code and data cold, and it grows with what the backward ran.
+    """
+    X_tr, _, y_tr, _ = load()
+    x = torch.from_numpy(X_tr[:SETTINGS["batch"]])
+    y = torch.from_numpy(y_tr[:SETTINGS["batch"]]).long()
+    cases = {}
+    for kind in ("autograd", "natural", "backprop"):
+        torch.manual_seed(0)
+        net, backward = _torch_net(kind)
+        params = list(net.parameters())
+        opt = torch.optim.Adam(params, lr=SETTINGS["lr"], **(adam or {}))
+        backward(net, x, y)
+        grads = [p.grad.clone() for p in params]
+
+        def fresh(params=params, grads=grads):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+
+        def after(net=net, backward=backward, params=params):
+            for p in params:
+                p.grad = None
+            backward(net, x, y)
+
+        if kind == "autograd":
+            cases["hot"] = (opt, lambda: None)
+            cases["fresh grads"] = (opt, fresh)
+        cases[f"after {kind}"] = (opt, after)
+    clock = time.perf_counter
+    samples = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, (opt, before) in cases.items():
+            total = 0.0
+            for _ in range(steps):
+                before()
+                t0 = clock()
+                opt.step()
+                total += clock() - t0
+            samples[name].append(1e6 * total / steps)
+    return {name: statistics.median(v) for name, v in samples.items()}

@@ -77,6 +77,19 @@ def test_digits_breakdown_times_every_part_of_the_loop():
         assert parts["forward+backward"] > 0 and parts["adam"] > 0
 
 
+def test_adam_cost_runs_every_case():
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import digits
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    result = digits.adam_cost(rounds=1, steps=3, adam={"fused": True})
+    assert set(result) == {"hot", "fresh grads", "after autograd", "after natural",
+                           "after backprop"}
+    assert all(v > 0 for v in result.values()), result
+
+
 def test_zero_digits_repeats_skips_the_digits_runs_and_a_negative_count_is_refused():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
