@@ -254,6 +254,12 @@ def _folded_softmax_delta(grad_a, grad_loss, grad_log_yhat, log_yhat, y, scratch
     return grad_a, scratch and (grad_loss is not None or grad_log_yhat is not None)
 
 
+# torch's own readings (private: torch 2.6 and 2.7 have no way to read the hook stack, and
+# then everything goes through save_for_backward, as it always did)
+_TOP_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+_KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
 def _no_saved_tensor_hooks() -> bool:
     """Whether no saved-tensor hooks are set (save_on_cpu, checkpointing, ...).
 
@@ -263,7 +269,7 @@ def _no_saved_tensor_hooks() -> bool:
     than all at its end (1.4x autograd's peak at [784,256,256,10]). With hooks set they go
     through save_for_backward, so that the hooks see every tensor kept.
     """
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    return _TOP_HOOKS is not None and _KEEP_GRAPH is not None and _TOP_HOOKS(False) is None
 
 
 class MLPEagerFunction(Function):
@@ -307,7 +313,7 @@ class MLPEagerFunction(Function):
         feedback = saved[4 * L:] if ctx.source is not None else None
         if ctx.inner is not None:  # held on ctx: this backward lets each go once it has served
             outs, zs, log_yhat = [*ctx.inner[0], outs[-1]], list(ctx.inner[1]), ctx.inner[2]
-            if not torch._C._autograd._get_current_graph_task_keep_graph():
+            if not _KEEP_GRAPH():
                 ctx.inner = None  # no retain_graph: the last backward to read them
         needs = ctx.needs_input_grad
         x2 = _rows(x)

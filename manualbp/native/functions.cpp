@@ -3,7 +3,7 @@
 // (mlp.py); the loss nodes are in losses.cpp. Same saved tensors, same kernels, same order.
 #include <ATen/SavedTensorHooks.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/engine.h>  // get_current_graph_task_keep_graph
 #include <torch/csrc/utils/pybind.h>
 
 #include <mutex>
@@ -164,7 +164,8 @@ struct MLPNode : torch::autograd::Function<MLPNode> {
     // can change them in place): held outside save_for_backward, the backward lets each go once
     // it has served, as autograd's per-op nodes do, instead of all at its end. With saved-tensor
     // hooks (save_on_cpu, ...) set, they go through save_for_backward so that the hooks see them.
-    if (!at::SavedTensorDefaultHooks::get_hooks().has_value()) {
+    // (the hook stack itself: get_hooks' return type differs across torch 2.x)
+    if (at::SavedTensorDefaultHooks::get_tls_state().stack.empty()) {
       c10::List<Tensor> inner;
       for (size_t i = 0; i < outs.size(); ++i) {
         inner.push_back(i + 1 < outs.size() ? std::exchange(outs[i], Tensor()) : Tensor());
