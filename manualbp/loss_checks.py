@@ -1,5 +1,7 @@
 """Input checks for the losses: one clear error at the public entry point, never deep inside."""
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -44,6 +46,7 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
     _check_common(where, input, target, reduction)
     if input.dim() == 0:
         raise ValueError(f"{where}: expected input of shape (N, C) or (C,), got a 0-dim tensor")
+    _check_ignore_index(where, ignore_index)
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"{where}: expected label_smoothing in [0, 1], got {label_smoothing}")
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
@@ -89,6 +92,19 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
     if probs:  # else the 'none' result has the class-index target's shape, want
         want = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
     return z, target, want
+
+
+def _check_ignore_index(where: str, ignore_index: object) -> None:
+    """Refuse an ignore_index the loss kernel cannot take (it wants a 64-bit int), naming it."""
+    try:
+        value = None if isinstance(ignore_index, bool) else operator.index(ignore_index)
+    except TypeError:
+        value = None
+    if value is None or not -2**63 <= value < 2**63:
+        raise TypeError(
+            f"{where}: expected ignore_index to be a 64-bit int (the class index to leave out, "
+            f"default -100), got {ignore_index!r} ({type(ignore_index).__name__})"
+        )
 
 
 _INT64 = torch.int64

@@ -184,7 +184,8 @@ def softmax_cross_entropy(
         if lib is not None:
             try:  # None: not the usual call (shapes, dtypes, layouts), for the checks below
                 loss = lib.softmax_ce_plain(input, target, ignore_index, reduction)
-            except (IndexError, RuntimeError):  # refused: again below, which says why
+            except (IndexError, RuntimeError, TypeError):  # refused (TypeError: an argument
+                # the binding cannot take, such as reduction=None): again below, which says why
                 loss = None
             if loss is not None:
                 return loss
@@ -204,8 +205,8 @@ def softmax_cross_entropy(
     try:
         loss = (lib.softmax_cross_entropy(*args) if lib is not None else apply(
             SoftmaxCrossEntropyFunction, *args))[0]
-    except (IndexError, RuntimeError) as error:  # the loss kernel refused: say why below
-        refused = error
+    except (IndexError, RuntimeError, TypeError) as error:  # the loss kernel (or the C++
+        refused = error  # binding, TypeError) refused: say why below
     else:
         return loss if shape is None or reduction != "none" else loss.reshape(shape)
     # every check, with those the usual call leaves to the kernel (the target's length)

@@ -260,7 +260,8 @@ class MLP(nn.Module):
             if W is None:  # a parametrization's property (computed here, once per call)
                 W = layer.weight
                 check_layer(i, layer, W)
-            elif layer._forward_pre_hooks or layer._forward_hooks:
+            elif (layer._forward_pre_hooks or layer._forward_hooks or layer._backward_hooks
+                  or layer._backward_pre_hooks):
                 check_layer(i, layer, W)
             params.append(W)
             params.append(own["bias"] if "bias" in own else layer.bias)

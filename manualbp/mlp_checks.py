@@ -46,14 +46,26 @@ def check_bias_shapes(where: str, params: list[Tensor | None]) -> None:
 def check_layer(i: int, layer: nn.Module, W: Tensor) -> None:
     """Refuse what the one-node pass would silently ignore: it reads the layers' weights and never
     calls the layers, so their forward hooks (old-style torch.nn.utils.weight_norm and
-    spectral_norm are such hooks) never run; and a computed weight not made by a
-    parametrization, whose gradient has nowhere to go."""
+    spectral_norm are such hooks) and backward hooks never run; a weight set to None; and a
+    computed weight not made by a parametrization, whose gradient has nowhere to go."""
     if layer._forward_pre_hooks or layer._forward_hooks:
         raise ValueError(
             f"MLP: layers[{i}] has forward hooks (e.g. from torch.nn.utils.weight_norm or "
             "spectral_norm), which MLP never runs: it reads the weights and runs one node for the "
             "whole stack; use torch.nn.utils.parametrizations.weight_norm / spectral_norm, or "
             "mb.convert an nn.Sequential of nn.Linear instead"
+        )
+    if layer._backward_hooks or layer._backward_pre_hooks:
+        raise ValueError(
+            f"MLP: layers[{i}] has backward hooks, which MLP never runs: it reads the weights "
+            "and runs one node for the whole stack, so no layer's backward is called; hook the "
+            "MLP itself (mlp.register_full_backward_hook), or mb.convert an nn.Sequential of "
+            "nn.Linear instead (a Linear with hooks runs on its own there)"
+        )
+    if W is None:
+        raise ValueError(
+            f"MLP: layers[{i}].weight is None; every layer needs a weight: give it a "
+            f"Parameter of shape (n_out, n_in) (layer.weight = nn.Parameter(...))"
         )
     if W.grad_fn is not None and not parametrize.is_parametrized(layer):
         raise ValueError(

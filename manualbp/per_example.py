@@ -207,6 +207,7 @@ class PerExample:
                 f"trainable ones are not: {', '.join(self.uncovered)}; a clipped gradient that "
                 "leaves some unclipped is not DP: convert them, freeze them, or leave max_norm "
                 "unset to get norms alone")
+        self._grads_before = None  # with max_norm: (p, p.grad, its version) at __enter__
         self._calls: list[_Call] = []
         self._grams: dict = {}  # _key(A) -> (A A^T, A) formed in backward (norms' early()),
         # for one pass: the calls of the next forward get a new dict
@@ -276,6 +277,11 @@ class PerExample:
             self._no_sync = self.model.no_sync()
             self._no_sync.__enter__()
         _ACTIVE.append(self)
+        # with max_norm the covered layers' backward adds nothing to .grad (the block forms it
+        # at exit): what each .grad is now, to see a gradient that reached a covered parameter
+        # some other way (unclipped)
+        self._grads_before = [(p, p.grad, -1 if p.grad is None else p.grad._version)
+                              for p in self._params.values()] if self.clip else None
         return self
 
     def __exit__(self, kind, value, tb) -> None:
@@ -285,8 +291,26 @@ class PerExample:
         if self._no_sync is not None:
             self._no_sync.__exit__(kind, value, tb)
         if kind is None:
+            if self._grads_before is not None:
+                self._check_unclipped()
             self._finish()
         self._calls, self._grams, self._seen = [], {}, {}
+
+    def _check_unclipped(self) -> None:
+        """Refuse (max_norm) a covered parameter whose .grad changed inside the block: the
+        covered layers' backward gives it nothing there, so that gradient came another way (a
+        Linear subclass whose forward does not run manualbp's, the weight used outside its
+        layer) and would stay unclipped."""
+        grads, self._grads_before = self._grads_before, None
+        for p, before, version in grads:
+            g = p.grad
+            if g is not None and (g is not before or g._version != version):
+                raise ValueError(
+                    f"per_example: {self._names[id(p)]} received a gradient inside the block "
+                    "that did not come through its manualbp layer's backward (a Linear subclass "
+                    "with a forward of its own, or the parameter used outside its layer), so "
+                    "max_norm cannot clip it; call the layer itself (mb.Linear.forward), or "
+                    "leave max_norm unset to get norms alone")
 
     def _finish(self) -> None:
         calls = [c for c in self._calls if c.filled]

@@ -139,9 +139,10 @@ py::object chain_flat(py::list run, py::handle x, py::handle identity) {
 
 // MLP._flat and check_linear_args' usual call in one (mlp.py: MLP._run): ([W1, b1, ...],
 // activations) when every layer (layers: the ModuleList's _modules) holds its own weight and a
-// bias entry, has no forward hooks and an activation name, and x is a dense real tensor of
-// layer 1's dtype and input width (a bias, if any, of layer 1's dtype and output width); else
-// None (the Python _flat and checks then decide, and say why).
+// bias entry, has no hooks (forward or backward: MLP never calls a layer) and an activation
+// name, and x is a dense real tensor of layer 1's dtype and input width (a bias, if any, of
+// layer 1's dtype and output width); else None (the Python _flat and checks then decide, and
+// say why).
 py::object mlp_flat(py::handle layers, py::handle x) {
   if (!PyDict_CheckExact(layers.ptr()) || !THPVariable_Check(x.ptr())) return py::none();
   const Keys& k = keys();
@@ -158,8 +159,8 @@ py::object mlp_flat(py::handle layers, py::handle x) {
     PyObject* own = item(d, k.parameters);
     PyObject* act = item(d, k.activation);
     if (own == nullptr || !PyDict_Check(own) || act == nullptr || !PyUnicode_CheckExact(act) ||
-        !empty_dict(d, k.hooks[0]) || !empty_dict(d, k.hooks[1])) {
-      return py::none();  // forward hooks, or no activation of its own: MLP._flat says
+        !no_hooks(d)) {
+      return py::none();  // hooks (never run), or no activation of its own: MLP._flat says
     }
     PyObject* W = item(own, k.weight);
     PyObject* b = item(own, k.bias);
