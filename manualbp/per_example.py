@@ -45,7 +45,7 @@ class _Call:
     called once), so they are let go in backward, as a plain backward frees them (dropped)."""
 
     __slots__ = ("W", "b", "batch", "clip", "a_prev", "delta", "rows", "native", "rows_now",
-                 "grams", "sq", "dsum", "drop", "dropped")
+                 "grams", "sq", "dsum", "drop", "dropped", "twice")
 
     def __init__(self, W, b, batch: int, clip: bool, rows_now: bool, grams: dict,
                  drop: bool) -> None:
@@ -54,6 +54,7 @@ class _Call:
         self.grams = grams  # the block's A A^T by _key(A) (q, k, v read one input), or None
         self.a_prev = self.delta = self.rows = self.native = self.sq = self.dsum = None
         self.drop, self.dropped = drop, False
+        self.twice = False  # a second backward reached this call: the block refuses it
 
     def keep(self) -> None:
         """Keep delta and a_prev after all: another call of the layer stacks with this one."""
@@ -84,13 +85,15 @@ class _Call:
         as though layer_grads had called the probe."""
         lib, self.native = self.native, None
         if lib is not None:
-            delta, a_prev, sq, dsum = lib.take_slot(id(self))
+            (delta, a_prev, sq, dsum), twice = lib.take_slot(id(self))
+            self.twice = self.twice or twice
             if delta is not None:
                 self.delta, self.a_prev = _detached(delta), _detached(a_prev)
             self.dropped = delta is None and (sq is not None or dsum is not None)
             self.sq, self.dsum = sq, dsum
 
     def __call__(self, delta: Tensor, a_prev: Tensor | None) -> bool:
+        self.twice = self.twice or self.filled  # one forward, a second backward
         self.delta, self.a_prev = delta, a_prev = _detached(delta), _detached(a_prev)
         D, A = per_example_norms.share(delta, a_prev, self.batch)
         if D.dim() == 3:  # (B, T, n): its part of the norm now, while D and A are in cache
@@ -207,7 +210,7 @@ class PerExample:
                 f"trainable ones are not: {', '.join(self.uncovered)}; a clipped gradient that "
                 "leaves some unclipped is not DP: convert them, freeze them, or leave max_norm "
                 "unset to get norms alone")
-        self._grads_before = None  # with max_norm: (p, p.grad, its version) at __enter__
+        self._grads_before = None  # (p, p.grad, its version) at __enter__
         self._calls: list[_Call] = []
         self._grams: dict = {}  # _key(A) -> (A A^T, A) formed in backward (norms' early()),
         # for one pass: the calls of the next forward get a new dict
@@ -277,11 +280,11 @@ class PerExample:
             self._no_sync = self.model.no_sync()
             self._no_sync.__enter__()
         _ACTIVE.append(self)
-        # with max_norm the covered layers' backward adds nothing to .grad (the block forms it
-        # at exit): what each .grad is now, to see a gradient that reached a covered parameter
-        # some other way (unclipped)
+        # what each covered .grad is now, to see at exit a gradient that reached a covered
+        # parameter some other way than its layer's backward (with max_norm, whose layers' add
+        # nothing to .grad, any; else one whose layer's backward never reached the block)
         self._grads_before = [(p, p.grad, -1 if p.grad is None else p.grad._version)
-                              for p in self._params.values()] if self.clip else None
+                              for p in self._params.values()]
         return self
 
     def __exit__(self, kind, value, tb) -> None:
@@ -291,28 +294,42 @@ class PerExample:
         if self._no_sync is not None:
             self._no_sync.__exit__(kind, value, tb)
         if kind is None:
-            if self._grads_before is not None:
-                self._check_unclipped()
+            self._check_unseen()
             self._finish()
         self._calls, self._grams, self._seen = [], {}, {}
 
-    def _check_unclipped(self) -> None:
-        """Refuse (max_norm) a covered parameter whose .grad changed inside the block: the
-        covered layers' backward gives it nothing there, so that gradient came another way (a
-        Linear subclass whose forward does not run manualbp's, the weight used outside its
-        layer) and would stay unclipped."""
+    def _check_unseen(self) -> None:
+        """Refuse a covered parameter whose .grad changed inside the block by a way the block did
+        not see (a Linear subclass whose forward does not run manualbp's, the weight used
+        outside its layer): with max_norm, where the covered layers' backward gives .grad
+        nothing, any change (it would stay unclipped); without, a change to a parameter no
+        backward of its layer reached (the norms would leave it out)."""
         grads, self._grads_before = self._grads_before, None
+        seen = set()
+        if not self.clip:
+            for c in self._calls:
+                if c.filled:
+                    seen.update(id(t) for t in (c.W, c.b) if t is not None)
         for p, before, version in grads:
             g = p.grad
-            if g is not None and (g is not before or g._version != version):
+            if id(p) not in seen and g is not None and (g is not before
+                                                         or g._version != version):
+                what = ("max_norm cannot clip it; call the layer itself (mb.Linear.forward), or "
+                        "leave max_norm unset to get norms alone") if self.clip else (
+                        "the norms would leave it out; call the layer itself (mb.Linear.forward)")
                 raise ValueError(
                     f"per_example: {self._names[id(p)]} received a gradient inside the block "
                     "that did not come through its manualbp layer's backward (a Linear subclass "
                     "with a forward of its own, or the parameter used outside its layer), so "
-                    "max_norm cannot clip it; call the layer itself (mb.Linear.forward), or "
-                    "leave max_norm unset to get norms alone")
+                    f"{what}")
 
     def _finish(self) -> None:
+        if any(c.twice for c in self._calls):  # each call's share holds one backward's delta
+            raise RuntimeError(
+                "per_example: a layer's forward got two backwards inside the block "
+                "(retain_graph=True), so its per-example values would count only one of them; "
+                "run one backward per forward in a block (sum the losses, then call backward "
+                "once)")
         calls = [c for c in self._calls if c.filled]
         if not calls:
             if self._calls:

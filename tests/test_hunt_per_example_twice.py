@@ -1,14 +1,9 @@
 """A second backward through the same forward inside a per_example block (retain_graph=True)
-adds its gradient to .grad, but each covered call's share is overwritten, not added to: with
-loss.backward(retain_graph=True); loss.backward() the block reports each example's norm of one
-backward (1.0x the single-backward norm where .grad holds 2.0x), and with max_norm clips with
-it. Both backends: Python's probe (per_example._Call.__call__) and the C++ slot
-(native/functions.cpp: fill) each keep only the last share.
-
-Not fixed here (the C++ side is functions.cpp's fill, which this helper may not edit): the
-fix is to refuse a second fill of one call in one line (or, for 2-D shares, to add the deltas:
-the call's a_prev is the same), on both sides. The test accepts either; it is xfail(strict)
-until then, so it turns red the day the defect is fixed and the marker must go.
+adds its gradient to .grad, but each covered call's share held one backward's delta: the block
+reported each example's norm of one backward (1.0x the single-backward norm where .grad held
+2.0x), and with max_norm clipped with it. Both backends now refuse it at the block's exit, in
+one line (Python's probe, per_example._Call.__call__, and the C++ slot, native/functions.cpp:
+fill, each mark a second fill). The test accepts that refusal or the right norms.
 """
 
 import pytest
@@ -27,11 +22,10 @@ def _backends():
         native.lib() is None, reason="the C++ core is not available here")), "python"]
 
 
-@pytest.mark.xfail(strict=True, reason="a second backward of one forward overwrites each "
-                                       "call's per-example share (see the module docstring)")
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("shape", [(6, 4), (6, 3, 4)])
-def test_two_backwards_of_one_forward_count_both_or_are_refused(backend, shape):
+@pytest.mark.parametrize("max_norm", [None, 1.0])
+def test_two_backwards_of_one_forward_count_both_or_are_refused(backend, shape, max_norm):
     torch.manual_seed(0)
     mlp = mb.MLP([4, 5, 3], activation="tanh", dtype=D)
     x = torch.randn(*shape, dtype=D)
@@ -39,7 +33,7 @@ def test_two_backwards_of_one_forward_count_both_or_are_refused(backend, shape):
     xs, ys = x.reshape(shape[0], -1, 4), y.reshape(shape[0], -1)
     with native.paused() if backend == "python" else torch.enable_grad():
         try:
-            with mb.per_example(mlp) as pe:
+            with mb.per_example(mlp, max_norm=max_norm) as pe:
                 loss = F.cross_entropy(mlp(x).reshape(-1, 3), y.reshape(-1))
                 loss.backward(retain_graph=True)
                 loss.backward()

@@ -139,7 +139,7 @@ def test_a_native_slot_is_closed_when_the_block_ends():
     assert len(slots) == 4
     loss.backward()
     out.sum().backward()  # both after their blocks
-    assert all(lib.take_slot(slot) == [None] * 4 for slot in slots)
+    assert all(lib.take_slot(slot) == ([None] * 4, False) for slot in slots)
 
 
 def stack_of_linears(dtype, bias, reused=False):

@@ -247,9 +247,9 @@ def _mlp_cases():
         "leading dims": (net(), torch.randn(2, 3, 5, dtype=torch.float64), True),
         "strided input": (net(), torch.randn(5, 4, dtype=torch.float64).t(), True),
         "tensor subclass input": (net(), torch.nn.Parameter(x.clone()), True),
-        "backward hook (not MLP's to see)": (net(change=lambda m: m.layers[1]
-                                               .register_full_backward_hook(
-                                                   lambda *a: None)), x, True),
+        "backward hook (MLP refuses it)": (net(change=lambda m: m.layers[1]
+                                             .register_full_backward_hook(
+                                                 lambda *a: None)), x, False),
         "forward hook": (net(change=lambda m: m.layers[1].register_forward_hook(
             lambda *a: None)), x, False),
         "forward pre-hook": (net(change=lambda m: m.layers[0].register_forward_pre_hook(

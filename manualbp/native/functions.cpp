@@ -68,6 +68,7 @@ struct Slot {
   bool W = false, b = false;  // which of the layer's parameters the block covers
   bool drop = false;  // once sq and dsum are formed, let delta and a_prev go (_Call.drop)
   bool dropped = false;
+  bool twice = false;  // a second backward reached the call (one forward, two backwards)
   std::vector<Tensor> shares;  // delta, a_prev, sq, dsum once filled
 };
 std::mutex slots_mutex;
@@ -79,6 +80,7 @@ void fill(int64_t slot, const Probe& probe) {
   auto it = slots.find(slot);
   if (it == slots.end()) return;
   Slot& s = it->second;
+  s.twice = s.twice || !s.shares.empty();  // the block refuses it (per_example.py: _finish)
   auto [sq, dsum] = early_share(probe.delta, probe.a_prev, s.batch, s.W, s.b);
   s.dropped = s.drop && (sq.defined() || dsum.defined());  // a (B, T, n) share: parts formed
   if (s.dropped) {
@@ -107,18 +109,21 @@ bool keep_slot(int64_t slot) {
   return it->second.dropped;
 }
 
-// (delta, a_prev, sq, dsum), each undefined where not formed (all four when no backward reached
-// the layer); the slot is closed, and with the last one the backward's Grams are let go.
-std::vector<Tensor> take_slot(int64_t slot) {
+// ((delta, a_prev, sq, dsum), twice): each share undefined where not formed (all four when no
+// backward reached the layer), and whether a second backward reached it; the slot is closed,
+// and with the last one the backward's Grams are let go.
+std::pair<std::vector<Tensor>, bool> take_slot(int64_t slot) {
   std::lock_guard<std::mutex> lock(slots_mutex);
   auto it = slots.find(slot);
   std::vector<Tensor> shares(4);
+  bool twice = false;
   if (it != slots.end()) {
     if (!it->second.shares.empty()) shares = std::move(it->second.shares);
+    twice = it->second.twice;
     slots.erase(it);
   }
   if (slots.empty()) drop_early_grams();
-  return shares;
+  return {std::move(shares), twice};
 }
 
 // logits[, loss] for x (*, n_0): MLPEagerFunction's forward and backward.

@@ -1,0 +1,71 @@
+"""A norms block (no max_norm) whose covered layer's own backward never reached it, while its
+parameter still got a gradient (a Linear subclass with a forward of its own), left that layer out
+of pe.norms with no word: uncovered was [] and the norms were those of the other layers alone.
+The block now refuses it at exit, in one line naming the parameter, on both backends; a layer
+the forward did not use at all (no gradient) is no error, and its share of every norm is 0."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import manualbp as mb
+from manualbp import native
+
+D = torch.float64
+
+
+def _backends():
+    return [pytest.param("native", marks=pytest.mark.skipif(
+        native.lib() is None, reason="the C++ core is not available here")), "python"]
+
+
+class OwnForward(mb.Linear):  # its forward never reaches manualbp's Function
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class Branches(nn.Module):  # `b` is covered but not used by this forward
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = mb.Linear(4, 3, dtype=D), mb.Linear(4, 3, dtype=D)
+
+    def forward(self, x):
+        return self.a(x)
+
+
+def _data():
+    torch.manual_seed(0)
+    return torch.randn(6, 4, dtype=D), torch.randint(0, 3, (6,))
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_a_norms_block_refuses_a_layer_whose_backward_it_never_saw(backend):
+    torch.manual_seed(1)
+    model = nn.Sequential(mb.Linear(4, 5, activation="tanh", dtype=D), OwnForward(5, 3, dtype=D))
+    x, y = _data()
+    with native.paused() if backend == "python" else torch.enable_grad():
+        with pytest.raises(ValueError, match=r"per_example: 1\.weight received a gradient .*"
+                                             "the norms would leave it out"):
+            with mb.per_example(model):
+                F.cross_entropy(model(x), y).backward()
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_an_unused_covered_layer_is_no_error_and_adds_nothing(backend):
+    torch.manual_seed(2)
+    model = Branches()
+    x, y = _data()
+    with native.paused() if backend == "python" else torch.enable_grad():
+        with mb.per_example(model) as pe:
+            F.cross_entropy(model(x), y).backward()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, xn, yn):  # example n's loss, scaled as the block's mean reduction is
+        return F.cross_entropy(functional_call(model, p, (xn[None],)), yn[None])
+
+    g = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    want = torch.sqrt(sum(t.reshape(6, -1).square().sum(1) for t in g.values()))
+    torch.testing.assert_close(pe.norms, want, rtol=1e-10, atol=0)
+    assert model.b.weight.grad is None
