@@ -186,6 +186,9 @@ def check_mse(input, target, reduction) -> None:
         )
 
 
+_INDEX_DTYPES = (torch.int64, torch.uint8)
+
+
 def check_mlp_target(x: Tensor, target: object, where: str = "MLP.loss") -> Tensor:
     """Class indices for MLP.loss: integer, of shape x.shape[:-1] (values: explain_mlp_target)."""
     if not isinstance(target, Tensor) or target.is_floating_point():
@@ -193,6 +196,11 @@ def check_mlp_target(x: Tensor, target: object, where: str = "MLP.loss") -> Tens
         raise TypeError(
             f"{where}: expected integer class indices as target, got {got}; for class "
             "probabilities use softmax_cross_entropy(mlp(x), target)"
+        )
+    if target.dtype not in _INDEX_DTYPES:  # the loss kernel's (nll_loss takes no other)
+        raise TypeError(
+            f"{where}: expected class indices of dtype torch.int64 (or torch.uint8), got "
+            f"{target.dtype}; pass target.long()"
         )
     if target.shape != x.shape[:-1]:
         raise ValueError(

@@ -324,6 +324,9 @@ def test_folded_loss_gradcheck_and_gradgradcheck():
     (torch.tensor([0, -1, 1]), ValueError, r"class index -1 at target\[1\].*negative.*-100"),
     (torch.tensor([0, 1]), ValueError, r"MLP.loss: expected target of shape \(3,\).*got \(2,\)"),
     (torch.rand(3, 3), TypeError, "MLP.loss: expected integer class indices"),
+    (torch.tensor([0, 1, 2], dtype=torch.int32), TypeError,
+     r"MLP.loss: expected class indices of dtype torch.int64 .*got torch.int32; pass "
+     r"target.long\(\)"),
 ])
 def test_folded_loss_bad_targets(target, error, pattern):
     with pytest.raises(error, match=pattern):

@@ -211,6 +211,8 @@ def test_backprop_under_autocast_matches_loss_backward():
     (torch.tensor([0, 1, 3]), ValueError, r"MLP.backprop: class index 3 at target\[2\].*C=3"),
     (torch.tensor([0, 1]), ValueError, r"MLP.backprop: expected target of shape \(3,\)"),
     (torch.rand(3), TypeError, "MLP.backprop: expected integer class indices"),
+    (torch.tensor([0, 1, 2], dtype=torch.int16), TypeError,
+     "MLP.backprop: expected class indices of dtype torch.int64 .*got torch.int16"),
 ])
 def test_backprop_bad_targets(target, error, pattern):
     mlp = mb.MLP([2, 3])
