@@ -62,11 +62,8 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
             f"pass weight.to({input.dtype})"
         )
     probs = target.is_floating_point()
-    if not probs and target.dtype not in (torch.int64, torch.uint8):
-        raise TypeError(
-            f"{where}: expected class indices of dtype torch.int64 (or torch.uint8), got "
-            f"{target.dtype}; pass target.long()"
-        )
+    if not probs:
+        _check_index_dtype(where, target)
     if target.dtype == torch.uint8:
         target = target.long()  # torch takes Byte targets too; indexing needs int64
     if probs:
@@ -186,7 +183,13 @@ def check_mse(input, target, reduction) -> None:
         )
 
 
-_INDEX_DTYPES = (torch.int64, torch.uint8)
+def _check_index_dtype(where: str, target: Tensor) -> None:
+    """Class indices of a dtype the loss kernel takes (nll_loss: int64 or uint8, no other)."""
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise TypeError(
+            f"{where}: expected class indices of dtype torch.int64 (or torch.uint8), got "
+            f"{target.dtype}; pass target.long()"
+        )
 
 
 def check_mlp_target(x: Tensor, target: object, where: str = "MLP.loss") -> Tensor:
@@ -197,11 +200,7 @@ def check_mlp_target(x: Tensor, target: object, where: str = "MLP.loss") -> Tens
             f"{where}: expected integer class indices as target, got {got}; for class "
             "probabilities use softmax_cross_entropy(mlp(x), target)"
         )
-    if target.dtype not in _INDEX_DTYPES:  # the loss kernel's (nll_loss takes no other)
-        raise TypeError(
-            f"{where}: expected class indices of dtype torch.int64 (or torch.uint8), got "
-            f"{target.dtype}; pass target.long()"
-        )
+    _check_index_dtype(where, target)
     if target.shape != x.shape[:-1]:
         raise ValueError(
             f"{where}: expected target of shape {tuple(x.shape[:-1])} for input "
