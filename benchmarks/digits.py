@@ -215,7 +215,7 @@ def adam_cost(rounds: int = 11, steps: int = 200, adam: dict | None = None) -> d
         grads = [p.grad.clone() for p in params]
 
         def fresh(params=params, grads=grads):
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 p.grad = g.clone()
 
         def after(net=net, backward=backward, params=params):

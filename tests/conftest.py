@@ -19,6 +19,21 @@ def pytest_sessionstart(session):
     native.load()
 
 
+@pytest.fixture(params=["native", "python"])
+def core(request):
+    """The test runs once on the C++ core (skipped where it is not built) and once on the Python
+    passes (the core paused for the whole test)."""
+    from manualbp import native
+
+    if request.param == "python":
+        with native.paused():
+            yield request.param
+        return
+    if native.load() is None:
+        pytest.skip("the C++ core is not available here (no toolchain, or MANUALBP_NATIVE=0)")
+    yield request.param
+
+
 @pytest.fixture
 def compose_train(tmp_path):
     """compose_train(*overrides) -> configs/train.yaml composed by Hydra, writing into tmp_path."""

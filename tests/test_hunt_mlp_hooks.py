@@ -7,14 +7,8 @@ import pytest
 import torch
 
 import manualbp as mb
-from manualbp import native
 
 D = torch.float64
-
-
-def _backends():
-    return [pytest.param("native", marks=pytest.mark.skipif(
-        native.lib() is None, reason="the C++ core is not available here")), "python"]
 
 
 def _calls(mlp):
@@ -36,35 +30,29 @@ _HOOKS = {
 }
 
 
-@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("hook", sorted(_HOOKS))
 @pytest.mark.parametrize("path", ["forward", "loss", "backprop"])
-def test_a_backward_hook_on_a_layer_is_refused_not_skipped(backend, hook, path):
+def test_a_backward_hook_on_a_layer_is_refused_not_skipped(core, hook, path):
     mlp = mb.MLP([5, 6, 3], dtype=D)
     _HOOKS[hook](mlp.layers[1])
-    with native.paused() if backend == "python" else torch.enable_grad():
-        with pytest.raises(ValueError, match=r"MLP: layers\[1\] has backward hooks, which MLP "
-                                             r"never runs.*register_full_backward_hook"):
-            _calls(mlp)[path]()
+    with pytest.raises(ValueError, match=r"MLP: layers\[1\] has backward hooks, which MLP "
+                                         r"never runs.*register_full_backward_hook"):
+        _calls(mlp)[path]()
     assert all(p.grad is None for p in mlp.parameters())
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_a_hook_on_the_mlp_itself_still_runs(backend):
+def test_a_hook_on_the_mlp_itself_still_runs(core):
     mlp = mb.MLP([5, 6, 3], dtype=D)
     seen = []
     mlp.register_full_backward_hook(lambda m, gi, go: seen.append(go[0].shape))
-    with native.paused() if backend == "python" else torch.enable_grad():
-        _calls(mlp)["forward"]()
+    _calls(mlp)["forward"]()
     assert seen == [torch.Size([4, 3])]
 
 
-@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("path", ["forward", "loss", "backprop"])
-def test_a_layer_whose_weight_is_none_is_named(backend, path):
+def test_a_layer_whose_weight_is_none_is_named(core, path):
     mlp = mb.MLP([5, 6, 3], dtype=D)
     mlp.layers[1].weight = None
-    with native.paused() if backend == "python" else torch.enable_grad():
-        with pytest.raises(ValueError, match=r"MLP: layers\[1\].weight is None; every layer "
-                                             r"needs a weight"):
-            _calls(mlp)[path]()
+    with pytest.raises(ValueError, match=r"MLP: layers\[1\].weight is None; every layer "
+                                         r"needs a weight"):
+        _calls(mlp)[path]()

@@ -12,14 +12,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import manualbp as mb
-from manualbp import native
 
 D = torch.float64
-
-
-def _backends():
-    return [pytest.param("native", marks=pytest.mark.skipif(
-        native.lib() is None, reason="the C++ core is not available here")), "python"]
 
 
 class OwnForward(mb.Linear):  # its forward never reaches manualbp's Function
@@ -53,26 +47,23 @@ _MODELS = {
 }
 
 
-@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("model", sorted(_MODELS))
 @pytest.mark.parametrize("existing_grad", [False, True])
-def test_a_gradient_the_clip_cannot_reach_is_refused(backend, model, existing_grad):
+def test_a_gradient_the_clip_cannot_reach_is_refused(core, model, existing_grad):
     torch.manual_seed(1)
     net = _MODELS[model]()
     x, y = _data()
     if existing_grad:  # accumulation: a .grad already there that the backward adds into
         F.cross_entropy(net(x), y).backward()
-    with native.paused() if backend == "python" else torch.enable_grad():
-        with pytest.raises(ValueError, match=r"per_example: \S+weight received a gradient "
-                                             r"inside the block that did not come through its "
-                                             r"manualbp layer's backward.*max_norm cannot clip"):
-            with mb.per_example(net, max_norm=1e-3):
-                F.cross_entropy(net(x), y).backward()
+    with pytest.raises(ValueError, match=r"per_example: \S+weight received a gradient "
+                                         r"inside the block that did not come through its "
+                                         r"manualbp layer's backward.*max_norm cannot clip"):
+        with mb.per_example(net, max_norm=1e-3):
+            F.cross_entropy(net(x), y).backward()
 
 
-@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_a_subclass_that_runs_manualbps_forward_is_clipped_exactly(backend, accumulate):
+def test_a_subclass_that_runs_manualbps_forward_is_clipped_exactly(core, accumulate):
     torch.manual_seed(2)
     net = nn.Sequential(mb.Linear(4, 5, activation="tanh", dtype=D), Doubled(5, 3, dtype=D))
     x, y = _data()
@@ -86,9 +77,8 @@ def test_a_subclass_that_runs_manualbps_forward_is_clipped_exactly(backend, accu
                                                     yn[None])), in_dims=(None, 0, 0))(params, x, y)
     norms = torch.sqrt(sum(t.reshape(6, -1).square().sum(1) for t in g.values()))
     c = (C / (norms + 1e-6)).clamp(max=1)
-    with native.paused() if backend == "python" else torch.enable_grad():
-        with mb.per_example(net, max_norm=C) as pe:
-            F.cross_entropy(net(x), y).backward()
+    with mb.per_example(net, max_norm=C) as pe:
+        F.cross_entropy(net(x), y).backward()
     torch.testing.assert_close(pe.norms, norms, rtol=1e-12, atol=0)
     for k, p in net.named_parameters():
         want = (c.view(-1, *[1] * (g[k].dim() - 1)) * g[k]).mean(0) + before.get(k, 0)

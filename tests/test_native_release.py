@@ -18,18 +18,6 @@ import manualbp as mb
 from manualbp import native
 
 
-@pytest.fixture(params=["native", "python"])
-def backend(request):
-    """Each test once on the C++ core and once on the Python passes (core paused)."""
-    if request.param == "python":
-        with native.paused():
-            yield request.param
-        return
-    if native.load() is None:
-        pytest.skip("the C++ core is not available here (no toolchain, or MANUALBP_NATIVE=0)")
-    yield request.param
-
-
 def peak_bytes(step) -> int:
     """The highest running total of CPU bytes allocated during step(), above its start."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -53,7 +41,7 @@ def steps(sizes, batch):
 
     def sequential():
         layers = []
-        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(n_in, n_out), nn.ReLU()]
         return nn.Sequential(*layers[:-1])
 
@@ -80,7 +68,7 @@ def peak_ratio(name, sizes, batch):
 
 
 @pytest.mark.parametrize("name", ["natural", "mlp.loss", "convert", "backprop"])
-def test_step_peaks_no_higher_than_autograds(name, backend):
+def test_step_peaks_no_higher_than_autograds(name, core):
     # [64,256,256,10] b128: held to the node's end, a[1], a[2] (128 KiB each) made it 1.21x
     assert peak_ratio(name, [64, 256, 256, 10], 128) <= 1.02
 
@@ -121,14 +109,14 @@ def test_retain_graph_backwards_accumulate_and_match_across_backends(activation)
     mine = run()
     with native.paused():
         ref = run()
-    for a, b in zip(mine, ref):
-        for u, v in zip(a, b):
+    for a, b in zip(mine, ref, strict=True):
+        for u, v in zip(a, b, strict=True):
             assert torch.equal(u, v)
-    for u, v in zip(mine[0], mine[2]):  # three equal backwards accumulated
+    for u, v in zip(mine[0], mine[2], strict=True):  # three equal backwards accumulated
         assert torch.allclose(v, 3 * u, rtol=1e-5, atol=1e-6)
 
 
-def test_saved_tensor_hooks_still_see_every_kept_tensor(backend):
+def test_saved_tensor_hooks_still_see_every_kept_tensor(core):
     # with hooks set (save_on_cpu, checkpointing, a counter) the node saves a[i], z[i] through
     # save_for_backward as before, so the hooks see them; the gradients are the same bits
     torch.manual_seed(2)
@@ -142,12 +130,12 @@ def test_saved_tensor_hooks_still_see_every_kept_tensor(backend):
         loss = mlp.loss(x, y)[0]
     assert {(5, 9), (5, 7)} <= {tuple(t.shape) for t in packed}
     loss.backward()
-    for u, v in zip(plain, grads(mlp)):
+    for u, v in zip(plain, grads(mlp), strict=True):
         assert torch.equal(u, v)
     mlp.zero_grad(set_to_none=True)
     with torch.autograd.graph.save_on_cpu():
         mlp.loss(x, y)[0].backward()
-    for u, v in zip(plain, grads(mlp)):
+    for u, v in zip(plain, grads(mlp), strict=True):
         assert torch.equal(u, v)
 
 
@@ -159,7 +147,7 @@ def test_autograd_grad_without_retain_then_refuses_a_second_time():
     first = torch.autograd.grad(loss, list(mlp.parameters()))
     with native.paused():
         ref = torch.autograd.grad(mb.softmax_cross_entropy(mlp(x), y), list(mlp.parameters()))
-    for u, v in zip(first, ref):
+    for u, v in zip(first, ref, strict=True):
         assert torch.equal(u, v)
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         torch.autograd.grad(loss, list(mlp.parameters()))
@@ -183,5 +171,5 @@ def test_python_twin_without_torchs_hook_readings_saves_everything_as_before(mon
         loss = mlp.loss(x, y)[0]
         assert loss.grad_fn.inner is None
         loss.backward()
-    for u, v in zip(plain, grads(mlp)):
+    for u, v in zip(plain, grads(mlp), strict=True):
         assert torch.equal(u, v)

@@ -7,23 +7,11 @@ the forward did not use at all (no gradient) is no error, and its share of every
 import pytest
 import torch
 import torch.nn.functional as F
+from test_hunt_per_example_unclipped import D, OwnForward, _data
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import manualbp as mb
-from manualbp import native
-
-D = torch.float64
-
-
-def _backends():
-    return [pytest.param("native", marks=pytest.mark.skipif(
-        native.lib() is None, reason="the C++ core is not available here")), "python"]
-
-
-class OwnForward(mb.Linear):  # its forward never reaches manualbp's Function
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
 
 
 class Branches(nn.Module):  # `b` is covered but not used by this forward
@@ -35,31 +23,22 @@ class Branches(nn.Module):  # `b` is covered but not used by this forward
         return self.a(x)
 
 
-def _data():
-    torch.manual_seed(0)
-    return torch.randn(6, 4, dtype=D), torch.randint(0, 3, (6,))
-
-
-@pytest.mark.parametrize("backend", _backends())
-def test_a_norms_block_refuses_a_layer_whose_backward_it_never_saw(backend):
+def test_a_norms_block_refuses_a_layer_whose_backward_it_never_saw(core):
     torch.manual_seed(1)
     model = nn.Sequential(mb.Linear(4, 5, activation="tanh", dtype=D), OwnForward(5, 3, dtype=D))
     x, y = _data()
-    with native.paused() if backend == "python" else torch.enable_grad():
-        with pytest.raises(ValueError, match=r"per_example: 1\.weight received a gradient .*"
-                                             "the norms would leave it out"):
-            with mb.per_example(model):
-                F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"per_example: 1\.weight received a gradient .*"
+                                         "the norms would leave it out"):
+        with mb.per_example(model):
+            F.cross_entropy(model(x), y).backward()
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_an_unused_covered_layer_is_no_error_and_adds_nothing(backend):
+def test_an_unused_covered_layer_is_no_error_and_adds_nothing(core):
     torch.manual_seed(2)
     model = Branches()
     x, y = _data()
-    with native.paused() if backend == "python" else torch.enable_grad():
-        with mb.per_example(model) as pe:
-            F.cross_entropy(model(x), y).backward()
+    with mb.per_example(model) as pe:
+        F.cross_entropy(model(x), y).backward()
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def one(p, xn, yn):  # example n's loss, scaled as the block's mean reduction is
