@@ -5,6 +5,7 @@ benchmark verifies besides speed: every manualbp variant's loss and gradients ma
 and it never saves more for backward than autograd.
 """
 
+import importlib
 import json
 import subprocess
 import sys
@@ -16,6 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+def _benchmark(name: str):
+    """A module of benchmarks/ (a folder of scripts, not a package), imported by name."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
 def test_quick_benchmark_runs_and_its_checks_hold(tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run(
@@ -63,11 +73,7 @@ def test_per_example_benchmark_runs_and_its_checks_hold(tmp_path):
 @pytest.mark.slow
 def test_digits_breakdown_times_every_part_of_the_loop():
     pytest.importorskip("sklearn")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import digits
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    digits = _benchmark("digits")
     result = digits.breakdown(1, kinds=("natural", "backprop"))
     assert result["steps"] == 60 * 22  # 1347 training digits in batches of 64, the last short
     for kind in ("natural", "backprop"):
@@ -79,11 +85,7 @@ def test_digits_breakdown_times_every_part_of_the_loop():
 
 def test_adam_cost_runs_every_case():
     pytest.importorskip("sklearn")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import digits
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    digits = _benchmark("digits")
     result = digits.adam_cost(rounds=1, steps=3, adam={"fused": True})
     assert set(result) == {"hot", "fresh grads", "after autograd", "after natural",
                            "after backprop"}
@@ -91,11 +93,7 @@ def test_adam_cost_runs_every_case():
 
 
 def test_zero_digits_repeats_skips_the_digits_runs_and_a_negative_count_is_refused():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import run
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    run = _benchmark("run")
     assert run.parse_args(["--digits-repeats", "0"]).no_sklearn  # not a median of no runs
     assert not run.parse_args(["--digits-repeats", "2"]).no_sklearn
     with pytest.raises(SystemExit):
